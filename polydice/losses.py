@@ -1,0 +1,308 @@
+"""Per-image segmentation losses: PolyDice-K, Dice, Focal, CE + Dice, PM Dice and DSC++.
+
+Every loss reduces over the pixels of each image and returns one value per image, shape ``(B,)``:
+the adaptive method gives every image its own PolyDice shape parameter ε, so the batch must never
+be pooled the way segmentation_models_pytorch's Dice pools it (``dims=(0, 2)``).
+
+Shapes: ``probs`` and ``target`` are ``(B, H, W)`` or ``(B, 1, H, W)``; ``probs`` is the foreground
+probability (softmax channel 1 of the two-class U-Net), ``target`` a mask in {0, 1}. The losses that
+need the logits for numerical stability (Focal, CE + Dice) take ``logits`` of shape ``(B, 2, H, W)``.
+
+The ``nn.Module`` wrappers all share one signature, ``forward(logits, target, eps=None) -> (B,)``,
+so that the training loop can treat every method alike; ``build_loss(name)`` picks one by name.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SMOOTH = 1e-6
+
+# arccos(1 - x)^2 = 2x + x^2/3 + 8x^3/45 + O(x^4): used below this x, where the exact form's
+# gradient (through arccos'(c) = -1/sqrt(1 - c^2)) is infinite at c = 1 or loses precision.
+_SERIES_BELOW = 1e-4
+
+
+def _flatten_pair(probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Check shapes and flatten to ``(B, H*W)``; accepts (B, H, W) or (B, 1, H, W)."""
+    if probs.dim() == 4 and probs.shape[1] == 1:
+        probs = probs[:, 0]
+    if target.dim() == 4 and target.shape[1] == 1:
+        target = target[:, 0]
+    if probs.dim() != 3:
+        raise ValueError(f"probs must be (B, H, W) or (B, 1, H, W), got shape {tuple(probs.shape)}")
+    if target.shape != probs.shape:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match probs shape {tuple(probs.shape)}"
+        )
+    target = target.to(probs.dtype)
+    return probs.reshape(probs.shape[0], -1), target.reshape(target.shape[0], -1)  # B, H*W
+
+
+def _per_image_eps(eps: float | Tensor, batch: int, like: Tensor) -> Tensor:
+    """ε as a ``(B,)`` tensor on ``like``'s device and dtype."""
+    if isinstance(eps, Tensor):
+        if eps.dim() == 0:
+            return eps.to(like).expand(batch)
+        if eps.shape != (batch,):
+            raise ValueError(f"eps must be a float or a ({batch},) tensor, got shape {tuple(eps.shape)}")
+        return eps.to(like)
+    return torch.full((batch,), float(eps), dtype=like.dtype, device=like.device)
+
+
+def arccos_squared(cos: Tensor) -> Tensor:
+    """θ² = arccos(cos)² with a finite gradient everywhere in [0, 1].
+
+    θ² is smooth at cos = 1 (θ² ≈ 2(1 − cos)) although arccos is not, so near 1 its Taylor series
+    is used. The double ``where`` keeps the unused branch's infinite gradient out of the graph.
+    """
+    cos = cos.clamp(-1.0, 1.0)
+    x = 1.0 - cos
+    near = x < _SERIES_BELOW
+    exact = torch.arccos(torch.where(near, torch.zeros_like(cos), cos)) ** 2
+    series = 2.0 * x + x * x / 3.0 + 8.0 * x**3 / 45.0
+    return torch.where(near, series, exact)
+
+
+def scale_and_angle(probs: Tensor, target: Tensor, smooth: float = SMOOTH) -> tuple[Tensor, Tensor]:
+    """The decomposition Dice = s·cos θ of thesis Eq. 2, per image.
+
+    Args:
+        probs: foreground probabilities ``(B, H, W)`` or ``(B, 1, H, W)``.
+        target: ground-truth mask, same shape.
+        smooth: added to numerator and denominator of s and cos θ so that empty masks stay finite:
+            an empty mask with an empty prediction gives s = 1, θ = 0 (a perfect score).
+
+    Returns:
+        ``(s, θ²)``, each ``(B,)``.
+    """
+    p, y = _flatten_pair(probs, target)
+    inner = (p * y).sum(1)  # <p, y>
+    pp = (p * p).sum(1)  # |p|²
+    yy = (y * y).sum(1)  # |y|²
+    s = (2.0 * inner + smooth) / (pp + yy + smooth)
+    # sqrt(|p|²|y|² + smooth²) instead of |p||y| keeps d/dp finite for an all-zero prediction.
+    cos = (inner + smooth) / torch.sqrt(pp * yy + smooth * smooth)
+    return s, arccos_squared(cos)
+
+
+def polydice_loss(
+    probs: Tensor, target: Tensor, eps: float | Tensor = 0.0, order: int = 1, smooth: float = SMOOTH
+) -> Tensor:
+    """PolyDice-K loss per image (thesis Eq. 5–6; Aizawa, Polynomial Dice Loss).
+
+    ``L = (1 − s) + s · Σ_{k=1..K} α_k θ^{2k}`` with ``α_k = (−1)^{k−1} / (2k)!`` and ε added to the
+    leading coefficient, ``α_1 = 1/2 + ε``. Order 1 is PolyDice-1, ``(1 − s) + s(½ + ε)θ²``.
+
+    Args:
+        probs: foreground probabilities ``(B, H, W)`` or ``(B, 1, H, W)``.
+        target: mask in {0, 1}, same shape.
+        eps: shape parameter, a float or a per-image ``(B,)`` tensor (the adaptive method).
+        order: truncation order K ≥ 1.
+        smooth: smoothing constant, see :func:`scale_and_angle`.
+
+    Returns:
+        ``(B,)`` per-image losses.
+
+    Raises:
+        ValueError: on mismatched shapes, an ε of the wrong shape, or ``order < 1``.
+    """
+    if int(order) != order or order < 1:
+        raise ValueError(f"order must be an integer >= 1, got {order!r}")
+    s, theta2 = scale_and_angle(probs, target, smooth)
+    eps_t = _per_image_eps(eps, s.shape[0], s)
+    poly = (0.5 + eps_t) * theta2
+    for k in range(2, int(order) + 1):
+        poly = poly + ((-1) ** (k - 1) / math.factorial(2 * k)) * theta2**k
+    return (1.0 - s) + s * poly
+
+
+def dice_loss(probs: Tensor, target: Tensor, smooth: float = SMOOTH) -> Tensor:
+    """Dice loss per image with squared denominator (thesis Eq. 1; Milletari et al., V-Net).
+
+    ``L = 1 − (2<p, y> + smooth) / (|p|² + |y|² + smooth)``.
+
+    Args:
+        probs: ``(B, H, W)`` or ``(B, 1, H, W)``.
+        target: same shape.
+
+    Returns:
+        ``(B,)``.
+    """
+    p, y = _flatten_pair(probs, target)
+    return 1.0 - (2.0 * (p * y).sum(1) + smooth) / ((p * p).sum(1) + (y * y).sum(1) + smooth)
+
+
+def pm_dice_loss(probs: Tensor, target: Tensor, gamma: float = 1.0, smooth: float = SMOOTH) -> Tensor:
+    """Pixel-wise modulated Dice loss per image (PM Dice paper, Eq. 5), foreground class.
+
+    ``L = 1 − (2Σ m·p·y + smooth) / (Σ m·(p² + y²) + smooth)`` with ``m = |y − p̂|^γ`` and p̂ = p
+    detached: the modulating term is a per-pixel weight, no gradient flows through it. γ = 0 is
+    Dice. The paper averages over classes; the foreground term alone is used here so that PM Dice is
+    compared with the foreground Dice of Eq. 1 on equal terms.
+
+    Returns:
+        ``(B,)``.
+    """
+    p, y = _flatten_pair(probs, target)
+    m = (y - p.detach()).abs() ** gamma
+    return 1.0 - (2.0 * (m * p * y).sum(1) + smooth) / ((m * (p * p + y * y)).sum(1) + smooth)
+
+
+def dsc_pp_loss(probs: Tensor, target: Tensor, gamma: float = 2.0, smooth: float = SMOOTH) -> Tensor:
+    """DSC++ loss per image (DSC++ paper, Eq. 9).
+
+    ``L = 1 − (2TP + smooth) / (2TP + Σ(p(1 − y))^γ + Σ((1 − p)y)^γ + smooth)`` with the soft
+    ``TP = Σ p·y``; γ = 1 is the soft Dice with a linear denominator.
+
+    Returns:
+        ``(B,)``.
+    """
+    p, y = _flatten_pair(probs, target)
+    tp = (p * y).sum(1)
+    fp = ((p * (1.0 - y)) ** gamma).sum(1)
+    fn = (((1.0 - p) * y) ** gamma).sum(1)
+    return 1.0 - (2.0 * tp + smooth) / (2.0 * tp + fp + fn + smooth)
+
+
+def _check_logits(logits: Tensor, target: Tensor) -> Tensor:
+    if logits.dim() != 4 or logits.shape[1] != 2:
+        raise ValueError(f"logits must be (B, 2, H, W), got shape {tuple(logits.shape)}")
+    if target.dim() == 4 and target.shape[1] == 1:
+        target = target[:, 0]
+    if target.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match logits shape {tuple(logits.shape)}"
+        )
+    return target.long()
+
+
+def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0) -> Tensor:
+    """Focal loss per image (Lin et al.), mean over pixels of ``−(1 − p_t)^γ log p_t``.
+
+    Computed from log-softmax for numerical stability; γ = 0 is the pixel-mean cross-entropy.
+
+    Args:
+        logits: ``(B, 2, H, W)``.
+        target: ``(B, H, W)`` or ``(B, 1, H, W)`` mask in {0, 1}.
+
+    Returns:
+        ``(B,)``.
+    """
+    target = _check_logits(logits, target)
+    log_pt = F.log_softmax(logits.float(), dim=1).gather(1, target.unsqueeze(1))[:, 0]  # B, H, W
+    weight = (1.0 - log_pt.exp()) ** gamma
+    return -(weight * log_pt).flatten(1).mean(1)
+
+
+def ce_dice_loss(logits: Tensor, target: Tensor, smooth: float = SMOOTH) -> Tensor:
+    """Cross-entropy (pixel mean) plus the Dice loss of Eq. 1, per image. Shapes as :func:`focal_loss`."""
+    target = _check_logits(logits, target)
+    ce = F.cross_entropy(logits.float(), target, reduction="none").flatten(1).mean(1)
+    probs = torch.softmax(logits.float(), dim=1)[:, 1]
+    return ce + dice_loss(probs, target, smooth)
+
+
+class SegmentationLoss(nn.Module):
+    """Common interface: ``forward(logits (B, 2, H, W), target (B, H, W), eps=None) -> (B,)``."""
+
+    uses_eps = False
+
+    def forward(self, logits: Tensor, target: Tensor, eps: float | Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+
+def foreground_probs(logits: Tensor) -> Tensor:
+    """Foreground probability, softmax over the two logits, channel 1: ``(B, 2, H, W) -> (B, H, W)``.
+
+    Computed in float32 so that the losses stay accurate under bf16/fp16 autocast.
+    """
+    return torch.softmax(logits.float(), dim=1)[:, 1]
+
+
+class PolyDiceLoss(SegmentationLoss):
+    """PolyDice-K; ``eps`` in ``forward`` (per image) overrides the fixed ``eps`` bound here."""
+
+    uses_eps = True
+
+    def __init__(self, eps: float = 0.0, order: int = 1, smooth: float = SMOOTH):
+        super().__init__()
+        if int(order) != order or order < 1:
+            raise ValueError(f"order must be an integer >= 1, got {order!r}")
+        self.eps, self.order, self.smooth = eps, int(order), smooth
+
+    def forward(self, logits, target, eps=None):
+        return polydice_loss(
+            foreground_probs(logits), target, self.eps if eps is None else eps, self.order, self.smooth
+        )
+
+
+class DiceLoss(SegmentationLoss):
+    def __init__(self, smooth: float = SMOOTH):
+        super().__init__()
+        self.smooth = smooth
+
+    def forward(self, logits, target, eps=None):
+        return dice_loss(foreground_probs(logits), target, self.smooth)
+
+
+class FocalLoss(SegmentationLoss):
+    def __init__(self, gamma: float = 2.0):
+        super().__init__()
+        self.gamma = gamma
+
+    def forward(self, logits, target, eps=None):
+        return focal_loss(logits, target, self.gamma)
+
+
+class CEDiceLoss(SegmentationLoss):
+    def __init__(self, smooth: float = SMOOTH):
+        super().__init__()
+        self.smooth = smooth
+
+    def forward(self, logits, target, eps=None):
+        return ce_dice_loss(logits, target, self.smooth)
+
+
+class PMDiceLoss(SegmentationLoss):
+    def __init__(self, gamma: float = 1.0, smooth: float = SMOOTH):
+        super().__init__()
+        self.gamma, self.smooth = gamma, smooth
+
+    def forward(self, logits, target, eps=None):
+        return pm_dice_loss(foreground_probs(logits), target, self.gamma, self.smooth)
+
+
+class DSCPlusPlusLoss(SegmentationLoss):
+    def __init__(self, gamma: float = 2.0, smooth: float = SMOOTH):
+        super().__init__()
+        self.gamma, self.smooth = gamma, smooth
+
+    def forward(self, logits, target, eps=None):
+        return dsc_pp_loss(foreground_probs(logits), target, self.gamma, self.smooth)
+
+
+LOSSES: dict[str, Callable[..., SegmentationLoss]] = {
+    "polydice": PolyDiceLoss,
+    "dice": DiceLoss,
+    "focal": FocalLoss,
+    "ce_dice": CEDiceLoss,
+    "pm_dice": PMDiceLoss,
+    "dsc_pp": DSCPlusPlusLoss,
+}
+
+
+def build_loss(name: str, **kwargs) -> SegmentationLoss:
+    """The loss registered under ``name``, with its settings bound.
+
+    Raises:
+        ValueError: for an unknown name (the message lists the valid ones).
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(sorted(LOSSES))}")
+    return LOSSES[name](**kwargs)

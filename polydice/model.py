@@ -1,0 +1,185 @@
+"""The U-Net of thesis Table 1, with MC-Dropout sites after ``down4`` and after ``up4``.
+
+Layout at 224×224 with ``base_channels = c = 64``::
+
+    inc   DoubleConv          224×224×c        up1  Upsample + DoubleConv   28×28×4c
+    down1 MaxPool+DoubleConv  112×112×2c       up2  Upsample + DoubleConv   56×56×2c
+    down2 MaxPool+DoubleConv   56×56×4c        up3  Upsample + DoubleConv  112×112×c
+    down3 MaxPool+DoubleConv   28×28×8c        up4  Upsample + DoubleConv  224×224×c
+    down4 MaxPool+DoubleConv   14×14×8c        outc Conv2d 1×1             224×224×2
+
+The forward pass is split into a deterministic :meth:`UNet.encode` and a stochastic
+:meth:`UNet.decode`: both dropout layers sit at or after the bottleneck, so MC-Dropout can run the
+encoder once and only the decoder T times (see :mod:`polydice.uncertainty`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+# decode(..., dropout=fn) calls fn(x, site) at each of these dropout sites.
+DROPOUT_SITES = ("bottleneck", "decoder")
+
+Features = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+class DoubleConv(nn.Sequential):
+    """(Conv 3×3 → BatchNorm → ReLU) × 2."""
+
+    def __init__(self, in_ch: int, out_ch: int, mid_ch: int | None = None):
+        mid_ch = mid_ch or out_ch
+        super().__init__(
+            nn.Conv2d(in_ch, mid_ch, 3, padding=1, bias=False),
+            nn.BatchNorm2d(mid_ch),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(mid_ch, out_ch, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_ch),
+            nn.ReLU(inplace=True),
+        )
+
+
+class Down(nn.Sequential):
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__(nn.MaxPool2d(2), DoubleConv(in_ch, out_ch))
+
+
+class Up(nn.Module):
+    """Bilinear ×2 upsampling, concatenation with the skip feature, DoubleConv."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+        self.conv = DoubleConv(in_ch, out_ch, in_ch // 2)
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        x = self.up(x)
+        # Odd input sizes leave the upsampled map a pixel short of the skip feature.
+        dy, dx = skip.shape[-2] - x.shape[-2], skip.shape[-1] - x.shape[-1]
+        if dy or dx:
+            x = nn.functional.pad(x, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
+        return self.conv(torch.cat([skip, x], dim=1))
+
+
+class UNet(nn.Module):
+    """Two-class U-Net (thesis Table 1) with dropout after ``down4`` and after ``up4``.
+
+    Args:
+        in_channels: input channels (3 for RGB).
+        num_classes: output logits per pixel (2: background, polyp).
+        base_channels: width c of the first block; 64 is the thesis, 8–16 suits CPU runs.
+        dropout: dropout rate p of both dropout layers, in [0, 1).
+
+    Raises:
+        ValueError: for a non-positive width or a dropout rate outside [0, 1).
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 2, base_channels: int = 64, dropout: float = 0.5):
+        super().__init__()
+        if base_channels < 1 or in_channels < 1 or num_classes < 1:
+            raise ValueError(
+                f"channels must be positive, got in={in_channels}, classes={num_classes}, base={base_channels}"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        c = base_channels
+        self.dropout_rate = dropout
+        self.inc = DoubleConv(in_channels, c)
+        self.down1 = Down(c, 2 * c)
+        self.down2 = Down(2 * c, 4 * c)
+        self.down3 = Down(4 * c, 8 * c)
+        self.down4 = Down(8 * c, 8 * c)  # bilinear U-Net: the bottleneck keeps 8c channels
+        self.drop_bottleneck = nn.Dropout(dropout)
+        self.up1 = Up(16 * c, 4 * c)
+        self.up2 = Up(8 * c, 2 * c)
+        self.up3 = Up(4 * c, c)
+        self.up4 = Up(2 * c, c)
+        self.drop_decoder = nn.Dropout(dropout)
+        self.outc = nn.Conv2d(c, num_classes, 1)
+
+    def encode(self, x: Tensor) -> Features:
+        """Deterministic part: ``x (B, 3, H, W)`` → skip features and bottleneck ``(x1, …, x5)``."""
+        x1 = self.inc(x)
+        x2 = self.down1(x1)
+        x3 = self.down2(x2)
+        x4 = self.down3(x3)
+        x5 = self.down4(x4)
+        return x1, x2, x3, x4, x5
+
+    def decode(self, feats: Features, dropout: Callable[[Tensor, str], Tensor] | None = None) -> Tensor:
+        """Stochastic part: features → logits ``(B, num_classes, H, W)``.
+
+        Args:
+            feats: the output of :meth:`encode`; its batch may repeat each image T times.
+            dropout: ``fn(x, site)`` replacing the two ``nn.Dropout`` layers (sites in
+                ``DROPOUT_SITES``), so that MC estimation can draw seeded masks itself.
+        """
+        x1, x2, x3, x4, x5 = feats
+        x5 = self.drop_bottleneck(x5) if dropout is None else dropout(x5, "bottleneck")
+        x = self.up1(x5, x4)
+        x = self.up2(x, x3)
+        x = self.up3(x, x2)
+        x = self.up4(x, x1)
+        x = self.drop_decoder(x) if dropout is None else dropout(x, "decoder")
+        return self.outc(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    def dropout_layers(self) -> list[nn.Dropout]:
+        return [m for m in self.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+
+
+@contextmanager
+def mc_dropout_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Batch-norm (and everything else) in eval mode, only the dropout layers switched on.
+
+    Restores every module's previous mode on exit.
+    """
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.train()
+    try:
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def to_input(images: Tensor) -> Tensor:
+    """uint8 ``(B, 3, H, W)`` → float in [0, 1].
+
+    Batches travel host→device as uint8 (4× less traffic) and are converted on the device.
+    """
+    if images.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images, got {images.dtype}")
+    return images.float().div_(255.0)
+
+
+def forward_flops(base_channels: int = 64, image_size: int = 224, in_channels: int = 3) -> dict[str, float]:
+    """Multiply–add FLOPs (2 per MAC) of one forward pass per image, split encoder / decoder.
+
+    Counts convolutions only (batch-norm, ReLU, pooling and upsampling are memory-bound and small).
+    At c = 64, 224×224: about 22 GFLOP encoder, 39 GFLOP decoder.
+    """
+    c, s = base_channels, image_size
+
+    def dconv(cin: int, cmid: int, cout: int, hw: int) -> float:
+        return 2.0 * hw * 9 * (cin * cmid + cmid * cout)
+
+    enc = dconv(in_channels, c, c, s * s)
+    enc += dconv(c, 2 * c, 2 * c, (s // 2) ** 2)
+    enc += dconv(2 * c, 4 * c, 4 * c, (s // 4) ** 2)
+    enc += dconv(4 * c, 8 * c, 8 * c, (s // 8) ** 2)
+    enc += dconv(8 * c, 8 * c, 8 * c, (s // 16) ** 2)
+    dec = dconv(16 * c, 8 * c, 4 * c, (s // 8) ** 2)
+    dec += dconv(8 * c, 4 * c, 2 * c, (s // 4) ** 2)
+    dec += dconv(4 * c, 2 * c, c, (s // 2) ** 2)
+    dec += dconv(2 * c, c, c, s * s)
+    dec += 2.0 * s * s * c * 2
+    return {"encoder": enc, "decoder": dec, "total": enc + dec}

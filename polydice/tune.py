@@ -1,0 +1,253 @@
+"""Ray Tune integration: :func:`polydice.train.train` as a function trainable.
+
+This is the only module of the package that imports Ray. The studies in ``studies/`` build their
+search spaces and call :func:`run_study`.
+
+- The dataset is decoded once by the driver and shared through the object store with
+  ``tune.with_parameters``: every trial on a node maps the same copy.
+- Each trial reports its metrics every epoch (``tune.report``) and a checkpoint at every ε refresh,
+  every ``checkpoint_every`` epochs and at the end. The checkpoint holds the model, optimizer,
+  ε table, controller state and history; a restarted trial continues from it with the same ε.
+- A trial's own files (TensorBoard events, ``summary.json``, ``epsilon.csv``, ``per_image.csv``)
+  go to its trial folder and are synced to ``storage_path`` so that ``tensorboard --logdir`` on the
+  results shows Tune's scalars beside the ε/difficulty histograms and uncertainty maps.
+- Resources per trial: ``cpus_per_trial`` and ``gpus_per_trial`` (fractional GPUs pack several
+  trials on one card); inside a trial the device is picked from what Ray made visible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+import torch
+from ray import tune
+
+from .config import TrainConfig
+from .data import SegmentationData
+from .train import NonFiniteLossError, load_checkpoint, save_checkpoint, train
+
+CHECKPOINT_FILE = "checkpoint.pt"
+OUTPUT_FILES = ("summary.json", "per_image.csv", "epsilon.csv", "history.csv")
+LOOPBACK = "127.0.0.1"
+
+
+def init_ray(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: float | None = None,
+    dashboard: bool = False,
+) -> str:
+    """Connect to a cluster, or start a local Ray instance bound to loopback.
+
+    Args:
+        address: ``host:port`` of a running cluster; ``None`` reads ``RAY_ADDRESS``, and without it
+            a local instance starts.
+        num_cpus, num_gpus: resources a *local* instance declares. They are logical: declaring 4
+            GPUs on a CPU machine lets Ray schedule 0.5-GPU trials exactly as on a GPU node
+            (torch then finds no CUDA device and the trial runs on the CPU).
+        dashboard: start the dashboard of a local instance (on 127.0.0.1).
+
+    Returns:
+        ``"cluster"`` or ``"local"``.
+    """
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if ray.is_initialized():
+        return "cluster" if address else "local"
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return "cluster"
+    # By default Ray registers the host's network address and listens on every interface, even
+    # for a laptop run; with this variable set to 0 every Ray port binds 127.0.0.1.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=dashboard,
+        dashboard_host=LOOPBACK,
+        _node_ip_address=LOOPBACK,
+        log_to_driver=True,
+    )
+    return "local"
+
+
+def _threads_for_trial() -> int:
+    try:
+        cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    except Exception:  # outside a Tune session
+        cpus = os.cpu_count() or 1
+    return max(1, int(cpus))
+
+
+def training_function(
+    config: dict,
+    *,
+    base: dict,
+    data: SegmentationData,
+    evaluate_test: bool,
+    checkpoint_every: int,
+) -> None:
+    """The function trainable: one :func:`polydice.train.train` run per Tune trial.
+
+    ``config`` (Tune's sampled parameters) overrides ``base``; both use ``TrainConfig`` field names,
+    so a misspelt key in a search space fails the trial at once with the list of unknown keys.
+    """
+    config = dict(config)
+    # A grid over whole method specifications passes them as one dict under "overrides".
+    cfg = TrainConfig.from_dict({**base, **config.pop("overrides", {}), **config})
+    # Several trials share a node: each uses only the CPUs Ray gave it.
+    torch.set_num_threads(_threads_for_trial())
+
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+
+    last: dict = {}
+
+    def report(metrics: dict, state: dict | None) -> None:
+        last.update(metrics)
+        if state is None:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(state, Path(folder) / CHECKPOINT_FILE)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    try:
+        result = train(
+            cfg,
+            report,
+            data=data,
+            out_dir=trial_dir,
+            resume=resume,
+            evaluate_test=evaluate_test,
+            checkpoint_every=checkpoint_every,
+        )
+    except NonFiniteLossError as exc:
+        # A diverged configuration is an outcome of the search, not a crash to retry: retrying from
+        # the last checkpoint would diverge again. The trial ends with what it reached.
+        (trial_dir / "diverged.txt").write_text(f"{exc}\n")
+        tune.report({**last, "diverged": True, "error_message": str(exc)})
+        return
+    if evaluate_test:
+        # One last result with the test metrics; its checkpoint carries the run's output files so
+        # that they reach storage_path even when artifacts are not synced.
+        final = {k: v for k, v in result.summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        final.update(epoch=cfg.epochs, done_testing=True)
+        with tempfile.TemporaryDirectory() as folder:
+            for name in OUTPUT_FILES:
+                if (trial_dir / name).exists():
+                    (Path(folder) / name).write_bytes((trial_dir / name).read_bytes())
+            tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def make_trainable(
+    base: TrainConfig,
+    data: SegmentationData,
+    *,
+    cpus_per_trial: float = 1,
+    gpus_per_trial: float = 0,
+    evaluate_test: bool = False,
+    checkpoint_every: int = 0,
+):
+    """The trainable with the dataset put once into the object store and resources attached."""
+    fn = tune.with_parameters(
+        training_function,
+        base=base.to_dict(),
+        data=data,
+        evaluate_test=evaluate_test,
+        checkpoint_every=checkpoint_every,
+    )
+    return tune.with_resources(fn, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+
+
+@dataclass
+class StudyPaths:
+    """Where a study's files go: Tune's experiment folder and the Optuna database beside it."""
+
+    storage_path: Path
+    name: str
+
+    @property
+    def experiment(self) -> Path:
+        return self.storage_path / self.name
+
+    @property
+    def sqlite_url(self) -> str:
+        return f"sqlite:///{(self.storage_path / f'{self.name}-optuna.db').resolve()}"
+
+
+def storage_uri(path: str | os.PathLike) -> str:
+    """Tune wants an absolute path or a URI (``s3://``, ``gs://``) as ``storage_path``."""
+    text = str(path)
+    return text if "://" in text else str(Path(text).expanduser().resolve())
+
+
+def run_config(
+    name: str,
+    storage_path: str,
+    *,
+    max_failures: int = 2,
+    stop: dict | None = None,
+    verbose: int = 1,
+) -> tune.RunConfig:
+    return tune.RunConfig(
+        name=name,
+        storage_path=storage_uri(storage_path),
+        # A trial whose worker dies restarts from its last checkpoint, up to max_failures times.
+        failure_config=tune.FailureConfig(max_failures=max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        sync_config=tune.SyncConfig(sync_artifacts=True),
+        stop=stop,
+        verbose=verbose,
+    )
+
+
+def restore_or_create(
+    experiment_path: str,
+    trainable: Any,
+    make_tuner: Callable[[], tune.Tuner],
+    resume: bool,
+) -> tune.Tuner:
+    """``Tuner.restore`` an interrupted experiment when asked (finished trials are kept, unfinished
+    ones continue from their checkpoints, errored ones are retried), else a new ``Tuner``.
+
+    Raises:
+        ValueError: when ``resume`` is set but there is nothing to resume at ``experiment_path``.
+    """
+    if resume:
+        if not tune.Tuner.can_restore(experiment_path):
+            raise ValueError(f"--resume: no Tune experiment to resume at {experiment_path}")
+        return tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True)
+    return make_tuner()
+
+
+def trial_outputs(result: tune.Result) -> dict[str, Path]:
+    """The output files of a finished trial: from its trial folder, else from its last checkpoint."""
+    found = {}
+    folder = Path(result.path)
+    for name in OUTPUT_FILES:
+        if (folder / name).exists():
+            found[name] = folder / name
+    if len(found) < len(OUTPUT_FILES) and result.checkpoint is not None:
+        with result.checkpoint.as_directory() as ckpt:
+            for name in OUTPUT_FILES:
+                if name not in found and (Path(ckpt) / name).exists():
+                    target = folder / name
+                    target.write_bytes((Path(ckpt) / name).read_bytes())
+                    found[name] = target
+    return found
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")

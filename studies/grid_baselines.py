@@ -1,0 +1,103 @@
+"""Grid of the baselines and the fixed-ε oracle candidates, every method on every fold.
+
+    python studies/grid_baselines.py --num-gpus 8 --dataset kvasir --data-dir /data/kvasir-seg
+    python studies/grid_baselines.py --smoke
+
+Methods (thesis Sec. 4.1.3 and the comparison papers): Dice, Focal (γ = 2), PolyDice-1 with fixed
+ε ∈ {−0.3, −0.2, …, 0.5} (ε = 0 is the "PolyDice ε = 0" baseline; the report picks the oracle among
+them on **test** Dice and labels it as an oracle), PM Dice (γ = 1), DSC++ (γ = 2), CE + Dice, and
+the adaptive method at the thesis settings (``adaptive-thesis``). Every run is tested; the table
+comes from ``studies/report.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import study_cli
+
+from ray import tune
+
+from polydice.train import load_data
+from polydice.tune import make_trainable, restore_or_create, run_config, storage_uri
+
+FIXED_EPS = [round(-0.3 + 0.1 * i, 1) for i in range(9)]  # -0.3 ... 0.5
+
+
+def method_specs(methods: list[str] | None = None) -> list[dict]:
+    """One TrainConfig override dict per method of the grid, each with its report label."""
+    specs = [
+        {"method": "dice", "tag": "dice"},
+        {"method": "focal", "tag": "focal"},
+        *({"method": "polydice", "eps": eps, "tag": f"polydice-eps{eps:+.1f}"} for eps in FIXED_EPS),
+        {"method": "pm_dice", "tag": "pm_dice"},
+        {"method": "dsc_pp", "tag": "dsc_pp"},
+        {"method": "ce_dice", "tag": "ce_dice"},
+        {"method": "adaptive", "tag": "adaptive-thesis"},
+    ]
+    if methods:
+        unknown = set(methods) - {s["tag"] for s in specs} - {s["method"] for s in specs}
+        if unknown:
+            raise SystemExit(f"error: unknown methods {sorted(unknown)}; valid: {[s['tag'] for s in specs]}")
+        specs = [s for s in specs if s["tag"] in methods or s["method"] in methods]
+    return specs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    study_cli.add_common_flags(p)
+    p.add_argument("--name", default="baselines", help="name of the Tune experiment")
+    p.add_argument("--methods", nargs="*", default=None, help="subset of the grid by tag or method name")
+    p.add_argument("--fold-list", type=int, nargs="*", default=None, help="subset of folds (default: all)")
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--no-report", action="store_true", help="skip writing the table at the end")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    base = study_cli.base_config(args)
+    specs = method_specs(args.methods)
+    folds = args.fold_list if args.fold_list is not None else list(range(base.folds))
+    exp_path = f"{storage_uri(args.storage_path)}/{args.name}"
+    if not args.resume and tune.Tuner.can_restore(exp_path):
+        print(f"error: a grid named {args.name!r} already exists at {exp_path}; pass --resume or another --name",
+              file=sys.stderr)
+        return 2
+
+    t0 = time.time()
+    data = load_data(base)
+    print(f"data: {base.dataset}, {len(data)} images, {data.n_groups} groups; grid: {len(specs)} methods x {len(folds)} folds")
+    study_cli.start_ray(args)
+    cpus, gpus = study_cli.resources(args)
+    concurrent = study_cli.max_concurrent(args, gpus)
+    trainable = make_trainable(base, data, cpus_per_trial=cpus, gpus_per_trial=gpus, evaluate_test=True,
+                               checkpoint_every=args.checkpoint_every)
+
+    def new_grid() -> tune.Tuner:
+        return tune.Tuner(
+            trainable,
+            param_space={"overrides": tune.grid_search(specs), "fold": tune.grid_search(folds)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent or None),
+            run_config=run_config(args.name, args.storage_path, max_failures=args.max_failures),
+        )
+
+    try:
+        results = restore_or_create(exp_path, trainable, new_grid, args.resume).fit()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"grid: {len(results)} runs, {len(results.errors)} errors, {time.time() - t0:.0f}s")
+    if not args.no_report:
+        import report
+
+        out = Path(args.storage_path) / f"{args.name}-report"
+        print(f"table: {report.make_report([Path(args.storage_path) / args.name], out)}")
+    return 0 if not results.errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Flags and set-up shared by the study scripts (resources, storage, data, smoke settings)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from polydice.config import DATASETS, TrainConfig  # noqa: E402
+
+# --smoke: tiny everything, a first look in a few minutes on a laptop CPU.
+SMOKE = dict(epochs=3, image_size=32, base_channels=4, n_synthetic=40, mc_samples=3, batch_size=8, e0=1, tau=1)
+
+
+def add_common_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster and resources")
+    g.add_argument("--address", default=None, help="Ray cluster address host:port (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
+    g.add_argument("--num-gpus", type=float, default=None,
+                   help="GPUs the study may use (default: all visible; 0 runs on CPUs). Locally they are declared "
+                        "to Ray as logical resources, so the scheduling can be tried without GPUs")
+    g.add_argument("--gpus-per-trial", type=float, default=None, help="GPU share per trial, fractional allowed (default: 1 when GPUs are used)")
+    g.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs per trial (default: 1)")
+    g.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance (default: all)")
+    g.add_argument("--max-concurrent", type=int, default=0, help="cap on trials running at once (default: as resources allow)")
+    g.add_argument("--max-failures", type=int, default=2, help="restarts of a trial from its last checkpoint after a worker dies")
+    g.add_argument("--dashboard", action="store_true", help="start the Ray dashboard of a local run (bound to 127.0.0.1)")
+
+    g = p.add_argument_group("storage")
+    g.add_argument("--storage-path", default="results", help="Tune results: a local folder, a shared NFS path or s3://... on a cluster")
+    g.add_argument("--resume", action="store_true", help="resume the interrupted study/grid of the same name")
+
+    g = p.add_argument_group("data and model")
+    g.add_argument("--dataset", choices=DATASETS, default="synthetic")
+    g.add_argument("--data-dir", default=None, help="dataset folder (Kvasir-SEG: images/ + masks/; CVC-ClinicDB: Original/ + Ground Truth/)")
+    g.add_argument("--sequence-csv", default=None, help="CVC-ClinicDB frame,sequence CSV overriding the official sequences")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--image-size", type=int, default=None)
+    g.add_argument("--base-channels", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--mc-samples", type=int, default=None)
+    g.add_argument("--folds", type=int, default=5)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--smoke", action="store_true", help="tiny everything: a first look in a few minutes on a CPU")
+
+
+def base_config(args: argparse.Namespace, **extra) -> TrainConfig:
+    """The fixed part of every trial's config: thesis defaults, then --smoke, then explicit flags."""
+    values: dict = dict(dataset=args.dataset, data_dir=args.data_dir, sequence_csv=args.sequence_csv,
+                        folds=args.folds, seed=args.seed)
+    if args.dataset == "synthetic":
+        # The embedded set is small; 64 px and a slim U-Net keep a CPU study to minutes per trial.
+        values.update(image_size=64, base_channels=16, epochs=30, batch_size=16)
+    if args.smoke:
+        values.update(SMOKE)
+    for flag in ("epochs", "image_size", "base_channels", "batch_size", "mc_samples"):
+        if getattr(args, flag) is not None:
+            values[flag] = getattr(args, flag)
+    values.update(extra)
+    return TrainConfig.from_dict(values)
+
+
+def detect_gpus(mode: str) -> float:
+    if mode == "cluster":
+        import ray
+
+        return float(ray.cluster_resources().get("GPU", 0))
+    import torch
+
+    return float(torch.cuda.device_count())
+
+
+def resources(args: argparse.Namespace) -> tuple[float, float]:
+    """(cpus_per_trial, gpus_per_trial) after defaults; call after :func:`start_ray`."""
+    if args.cpus_per_trial <= 0:
+        raise SystemExit(f"error: --cpus-per-trial must be > 0, got {args.cpus_per_trial}")
+    if not args.num_gpus:
+        return args.cpus_per_trial, 0.0
+    gpus = 1.0 if args.gpus_per_trial is None else args.gpus_per_trial
+    if not 0 < gpus <= args.num_gpus:
+        raise SystemExit(f"error: --gpus-per-trial {gpus} must be in (0, --num-gpus {args.num_gpus}]")
+    return args.cpus_per_trial, gpus
+
+
+def start_ray(args: argparse.Namespace) -> str:
+    from polydice.tune import init_ray
+
+    local_gpus = args.num_gpus if not (args.address or os.environ.get("RAY_ADDRESS")) else None
+    mode = init_ray(args.address, num_cpus=args.num_cpus, num_gpus=local_gpus, dashboard=args.dashboard)
+    if args.num_gpus is None:
+        args.num_gpus = detect_gpus(mode)
+    return mode
+
+
+def max_concurrent(args: argparse.Namespace, gpus_per_trial: float) -> int:
+    """Trials at once: limited by --num-gpus / --gpus-per-trial when GPUs are used (0 = no cap)."""
+    caps = []
+    if args.max_concurrent:
+        caps.append(args.max_concurrent)
+    if gpus_per_trial > 0 and args.num_gpus:
+        caps.append(max(1, math.floor(args.num_gpus / gpus_per_trial + 1e-9)))
+    return min(caps) if caps else 0

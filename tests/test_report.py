@@ -1,0 +1,345 @@
+"""Tests of studies/report.py on fake run folders with hand-chosen numbers.
+
+Five folds of four test images (dataset indices 0–19, fold f tests 4f … 4f + 3) and five methods.
+Image i of fold f has Dice ``base + slope * f + offset[i % 4]`` with offsets summing to 0, so a
+method's fold means are ``base + slope * f``: mean ``base + 2 slope`` and sample std
+``slope * sqrt(2.5)`` over the folds. Difficulties are ``1 + (7 i mod 20) / 20`` plus a per-method
+term that cancels in the mean over methods, so every method ranks the images differently while the
+common hardest quarter is the hand-picked set {5, 8, 11, 14, 17}. No Ray, no training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
+
+import report  # noqa: E402
+
+FOLDS, PER_FOLD = 5, 4
+N_IMAGES = FOLDS * PER_FOLD
+# label: (method, eps, base, slope, per-image offsets within a fold, summing to 0)
+METHODS = {
+    "adaptive-tuned": ("adaptive", 0.0, 0.80, 0.020, (-0.03, -0.01, 0.01, 0.03)),
+    "dice": ("dice", 0.0, 0.75, 0.010, (0.02, -0.04, 0.01, 0.01)),
+    "polydice-eps-0.1": ("polydice", -0.1, 0.74, 0.025, (-0.02, 0.00, 0.05, -0.03)),
+    "polydice-eps+0.0": ("polydice", 0.0, 0.76, 0.012, (0.01, 0.01, -0.05, 0.03)),
+    "polydice-eps+0.2": ("polydice", 0.2, 0.78, 0.015, (0.04, -0.02, -0.01, -0.01)),
+}
+# (mean, sample std) of the fold means worked out by hand: base + 2 slope, slope * sqrt(2.5).
+# Slopes differ, so no two methods differ by a constant per fold (a degenerate t-test).
+EXPECTED_DICE = {
+    "adaptive-tuned": (0.84, 0.0316227766),
+    "dice": (0.77, 0.0158113883),
+    "polydice-eps-0.1": (0.79, 0.0395284708),
+    "polydice-eps+0.0": (0.784, 0.0189736660),
+    "polydice-eps+0.2": (0.81, 0.0237170825),
+}
+HARDEST = [5, 8, 11, 14, 17]  # the five i with (7 i mod 20) >= 15
+
+
+def image_dice(label: str) -> np.ndarray:
+    _, _, base, slope, offsets = METHODS[label]
+    return np.array([base + slope * (i // PER_FOLD) + offsets[i % PER_FOLD] for i in range(N_IMAGES)])
+
+
+def image_difficulty(label: str) -> np.ndarray:
+    k = list(METHODS).index(label)
+    return np.array([1 + (7 * i % 20) / 20 + 0.3 * (k - 2) * (-1) ** i for i in range(N_IMAGES)])
+
+
+def write_run(folder: Path, label: str, fold: int, *, dice: np.ndarray | None = None, mtime: float | None = None,
+              refreshes: tuple[int, ...] = (), dataset: str = "synthetic") -> Path:
+    """A run folder as polydice.train writes it (summary.json, per_image.csv, epsilon.csv, history.csv)."""
+    method, eps, *_ = METHODS[label]
+    test_idx = np.arange(fold * PER_FOLD, (fold + 1) * PER_FOLD)
+    dice = image_dice(label)[test_idx] if dice is None else dice
+    difficulty = image_difficulty(label)[test_idx]
+    folder.mkdir(parents=True, exist_ok=True)
+    per_image = pd.DataFrame({
+        "index": test_idx, "name": [f"img{i}" for i in test_idx], "group": test_idx // 2, "dice": dice,
+        "iou": dice - 0.1, "precision": 0.9, "recall": 0.8, "nsd": 0.7, "nll": 0.2, "brier": 0.05,
+        "difficulty": difficulty, "lesion_fraction": 0.1,
+    })
+    per_image.to_csv(folder / "per_image.csv", index=False)
+    train_idx = np.setdiff1d(np.arange(N_IMAGES), test_idx)
+    eps_rows = [pd.DataFrame({"epoch": e, "index": train_idx, "difficulty": 0.1 * e + train_idx / 100,
+                              "epsilon": 0.5 - train_idx / 100}) for e in refreshes]
+    epsilon = pd.concat(eps_rows) if eps_rows else pd.DataFrame(columns=["epoch", "index", "difficulty", "epsilon"])
+    epsilon.to_csv(folder / "epsilon.csv", index=False)
+    pd.DataFrame({"epoch": [1], "train_loss": [0.5], "val_dice": [0.7]}).to_csv(folder / "history.csv", index=False)
+    summary = {
+        "config": {"dataset": dataset, "method": method, "eps": eps, "tag": label, "fold": fold, "folds": FOLDS,
+                   "split_seed": 0, "seed": 0},
+        "val_dice": 0.7, "best_epoch": 3, "n_train": 12, "n_val": 4, "n_test": PER_FOLD, "n_groups": 10,
+        "test_dice": float(dice.mean()), "test_iou": float(dice.mean() - 0.1), "test_precision": 0.9,
+        "test_recall": 0.8, "test_nsd": 0.7, "test_nll": 0.2, "test_brier": 0.05,
+        "test_dice_hardest_quartile": 0.5 + 0.01 * fold,
+    }
+    (folder / "summary.json").write_text(json.dumps(summary))
+    if mtime is not None:
+        os.utime(folder / "summary.json", (mtime, mtime))
+    return folder
+
+
+def write_study(root: Path) -> list[Path]:
+    """Tune-like layouts: final adaptive trials (with a checkpoint copy and search trials beside them),
+    a baseline grid, and one run written directly into a folder."""
+    final, grid, direct = root / "final", root / "grid", root / "direct"
+    for fold in range(FOLDS):
+        trial = write_run(final / "adaptive-final" / f"trial_{fold}_a1b2", "adaptive-tuned", fold, refreshes=(2, 4))
+        if fold == 0:  # Tune's last checkpoint carries a copy of the run's files: the same run
+            copy = trial / "checkpoint_000004"
+            copy.mkdir()
+            for name in ("summary.json", "per_image.csv", "epsilon.csv"):
+                (copy / name).write_bytes((trial / name).read_bytes())
+    for n in range(3):  # search trials: validation only, no test metrics, no per_image.csv
+        search = final / "adaptive" / f"trial_s{n}_c3d4"
+        search.mkdir(parents=True)
+        (search / "summary.json").write_text(json.dumps({
+            "config": {"dataset": "synthetic", "method": "adaptive", "tag": "adaptive-search", "fold": 0},
+            "val_dice": 0.7 + n / 100}))
+    for k, label in enumerate(list(METHODS)[1:]):
+        for fold in range(FOLDS):
+            if label == "dice" and fold == FOLDS - 1:
+                write_run(direct, label, fold)
+            else:
+                write_run(grid / "baselines" / f"trial_{k}_{fold}_e5f6", label, fold)
+    return [final, grid, direct]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    dirs = write_study(root)
+    md = report.make_report(dirs, root / "report")
+    return dirs, root / "report", pd.read_csv(root / "report" / "table.csv"), md.read_text()
+
+
+def row(table: pd.DataFrame, label: str) -> pd.Series:
+    rows = table[table["label"] == label]
+    assert len(rows) == 1, label
+    return rows.iloc[0]
+
+
+def test_run_label():
+    assert report.run_label({"method": "polydice", "eps": 0.0, "tag": ""}) == "polydice-eps+0.0"
+    assert report.run_label({"method": "polydice", "eps": -0.3, "tag": ""}) == "polydice-eps-0.3"
+    assert report.run_label({"method": "focal", "eps": 0.0, "tag": ""}) == "focal"
+    assert report.run_label({"method": "adaptive", "tag": "adaptive-tuned-2"}) == "adaptive-tuned-2"
+
+
+def test_every_method_has_a_row_with_mean_and_sample_std(study):
+    _, out, table, md = study
+    assert set(table["label"]) == set(METHODS) | {"polydice-oracle (eps=+0.2)"}
+    for label, (mean, std) in EXPECTED_DICE.items():
+        r = row(table, label)
+        assert r["folds"] == FOLDS
+        assert r["dice_mean"] == pytest.approx(mean, rel=1e-9)
+        assert r["dice_std"] == pytest.approx(std, rel=1e-8)
+        assert r["iou_mean"] == pytest.approx(mean - 0.1, rel=1e-9)
+        assert r["nsd_mean"] == pytest.approx(0.7) and r["nsd_std"] == pytest.approx(0.0, abs=1e-12)
+        # the per-run hardest quartile: 0.5 + 0.01 f over the folds
+        assert r["dice_hardest_quartile_mean"] == pytest.approx(0.52)
+        assert r["dice_hardest_quartile_std"] == pytest.approx(0.01 * math.sqrt(2.5))
+    assert (out / "table.md").exists()
+    assert "0.8400 ± 0.0316" in md
+
+
+def test_markdown_says_what_was_compared(study):
+    _, _, _, md = study
+    head = md.split("| Method")[0]
+    assert "`synthetic`: 5 folds (0, 1, 2, 3, 4), 20 test images" in head
+    assert "Reference of the paired tests: `adaptive-tuned`" in head
+    assert "sample standard deviation (ddof = 1)" in md
+    assert "5 folds" in md and "weak test" in md
+
+
+def test_oracle_is_the_eps_with_the_best_test_dice(study):
+    _, _, table, md = study
+    oracle = table[table["oracle"]]
+    assert list(oracle["label"]) == ["polydice-oracle (eps=+0.2)"]
+    best = row(table, "polydice-eps+0.2")
+    for column in ("dice_mean", "dice_std", "iou_mean", "wilcoxon_p", "dice_hardest_quartile_common"):
+        assert oracle.iloc[0][column] == pytest.approx(best[column])
+    assert not table.loc[table["label"] != "polydice-oracle (eps=+0.2)", "oracle"].any()
+    assert "not a valid method: picked on test Dice" in md
+    assert "polydice-eps+0.0 (PolyDice ε = 0 baseline)" in md
+
+
+def test_paired_tests_match_scipy(study):
+    _, _, table, _ = study
+    ref = image_dice("adaptive-tuned")
+    ref_folds = ref.reshape(FOLDS, PER_FOLD).mean(1)
+    for label in list(METHODS)[1:]:
+        r, values = row(table, label), image_dice(label)
+        assert r["reference"] == "adaptive-tuned"
+        assert r["n_pairs"] == N_IMAGES and r["folds_shared"] == FOLDS
+        assert r["dice_diff_mean"] == pytest.approx((values - ref).mean())
+        assert r["wilcoxon_p"] == pytest.approx(stats.wilcoxon(values, ref).pvalue, rel=1e-12)
+        expected_t = stats.ttest_rel(values.reshape(FOLDS, PER_FOLD).mean(1), ref_folds).pvalue
+        assert r["ttest_p"] == pytest.approx(expected_t, rel=1e-9)
+    reference = row(table, "adaptive-tuned")
+    assert np.isnan(reference["wilcoxon_p"]) and reference["n_pairs"] == 0
+
+
+def test_paired_wilcoxon_edge_cases():
+    assert report.paired_wilcoxon([0.5, 0.7, 0.9], [0.5, 0.7, 0.9]) == (1.0, 0.0, 3)
+    p, diff, n = report.paired_wilcoxon([], [])
+    assert math.isnan(p) and n == 0
+    assert math.isnan(report.fold_ttest([0.8, 0.9], [0.7, 0.8]))  # fewer than 3 folds
+    assert report.fold_ttest([0.8, 0.9, 0.7], [0.8, 0.9, 0.7]) == 1.0
+
+
+def test_common_hardest_quartile_is_one_set_for_all_methods(study):
+    dirs, _, table, md = study
+    runs = report.collect_runs(dirs)
+    _, hardest = report.common_hardest(report.load_per_image(runs))
+    assert hardest == {"synthetic": HARDEST}
+    for label in METHODS:
+        r = row(table, label)
+        assert r["dice_hardest_quartile_common"] == pytest.approx(image_dice(label)[HARDEST].mean())
+        assert r["n_hardest_common"] == len(HARDEST)
+    assert "5 images of `synthetic`" in md
+
+
+def test_search_trials_and_checkpoint_copies_are_not_runs(study, recwarn):
+    dirs, *_ = study
+    runs = report.collect_runs(dirs)
+    assert len(runs) == len(METHODS) * FOLDS
+    assert "adaptive-search" not in set(runs["label"])
+    assert not any(issubclass(w.category, report.ReportWarning) for w in recwarn)
+    adaptive0 = runs[(runs["label"] == "adaptive-tuned") & (runs["fold"] == 0)]["run_dir"].item()
+    assert Path(adaptive0).name == "trial_0_a1b2"
+    direct = runs[(runs["label"] == "dice") & (runs["fold"] == FOLDS - 1)]["run_dir"].item()
+    assert Path(direct).name == "direct"
+
+
+def test_duplicate_label_and_fold_keeps_the_newest(tmp_path):
+    old = write_run(tmp_path / "a" / "trial_old", "dice", 0, dice=np.full(PER_FOLD, 0.1), mtime=1_000_000)
+    write_run(tmp_path / "b" / "trial_new", "dice", 0, mtime=2_000_000)
+    with pytest.warns(report.ReportWarning, match="more than once"):
+        runs = report.collect_runs([tmp_path / "a", tmp_path / "b"])
+    assert len(runs) == 1
+    assert runs["test_dice"].item() == pytest.approx(image_dice("dice")[:PER_FOLD].mean())
+    os.utime(old / "summary.json", (3_000_000, 3_000_000))
+    with pytest.warns(report.ReportWarning):
+        runs = report.collect_runs([tmp_path / "a", tmp_path / "b"])
+    assert runs["test_dice"].item() == pytest.approx(0.1)
+
+
+def test_plots_exist(study):
+    _, out, _, md = study
+    for name in ("dice_per_method.png", "eps_vs_difficulty.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 1000
+        assert f"]({name})" in md
+    assert not (out / "search_history.png").exists()  # no study given
+
+
+def test_eps_is_taken_at_the_last_refresh(study):
+    dirs, *_ = study
+    eps = report.epsilon_at_last_refresh(report.collect_runs(dirs))
+    assert set(eps["epoch"]) == {4}
+    assert sorted(eps["fold"].unique()) == list(range(FOLDS))
+    assert len(eps) == FOLDS * (N_IMAGES - PER_FOLD)
+
+
+def test_without_adaptive_runs_the_eps_plot_is_skipped_with_a_note(tmp_path):
+    for fold in range(3):
+        write_run(tmp_path / "grid" / f"trial_{fold}", "dice", fold)
+    md = report.make_report([tmp_path / "grid"], tmp_path / "out").read_text()
+    assert not (tmp_path / "out" / "eps_vs_difficulty.png").exists()
+    assert "no ε-against-difficulty plot" in md
+    assert "no paired tests" in md
+
+
+def test_oracle_is_picked_per_dataset(study, tmp_path):
+    dirs, *_ = study
+    for k, label in enumerate(("adaptive-tuned", "polydice-eps-0.1", "polydice-eps+0.2")):
+        for fold in range(3):
+            dice = np.full(PER_FOLD, 0.9 if label == "polydice-eps-0.1" else 0.6 + 0.01 * fold)
+            write_run(tmp_path / "kvasir" / f"trial_{k}_{fold}", label, fold, dice=dice, dataset="kvasir")
+    md = report.make_report([*dirs, tmp_path / "kvasir"], tmp_path / "out").read_text()
+    table = pd.read_csv(tmp_path / "out" / "table.csv")
+    oracles = table[table["oracle"]].set_index("dataset")["label"].to_dict()
+    assert oracles == {"synthetic": "polydice-oracle (eps=+0.2)", "kvasir": "polydice-oracle (eps=-0.1)"}
+    kvasir = table[table["dataset"] == "kvasir"].set_index("label")
+    assert kvasir.loc["polydice-eps-0.1", "n_pairs"] == 3 * PER_FOLD  # paired within its own dataset
+    assert "## kvasir" in md and "## synthetic" in md and "`kvasir`: 3 folds" in md
+
+
+def test_reference_option(study, tmp_path):
+    dirs, *_ = study
+    table = pd.read_csv(report.make_report(dirs, tmp_path / "out", reference="dice").with_name("table.csv"))
+    r = row(table, "adaptive-tuned")
+    assert r["reference"] == "dice"
+    assert r["wilcoxon_p"] == pytest.approx(stats.wilcoxon(image_dice("adaptive-tuned"), image_dice("dice")).pvalue)
+    with pytest.raises(ValueError, match="'focal' is not among the labels"):
+        report.make_report(dirs, tmp_path / "out2", reference="focal")
+
+
+def toy_study(url: str, name: str, trials: int) -> None:
+    study = optuna.create_study(storage=url, study_name=name, direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: -(t.suggest_float("k", 0.25, 16, log=True) - 2) ** 2 - 0.01 * t.suggest_float("q", 5, 75),
+                   n_trials=trials)
+
+
+def test_optuna_search_history_and_importances(study, tmp_path):
+    dirs, *_ = study
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{tmp_path / 'search.db'}"
+    toy_study(url, "adaptive", 8)
+    out = tmp_path / "out"
+    md = report.make_report(dirs, out, optuna_storage=url, study_name="adaptive").read_text()
+    for name in ("search_history.png", "importances.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG")
+    importances = pd.read_csv(out / "importances.csv")
+    assert set(importances["param"]) == {"k", "q"}
+    assert importances["importance"].sum() == pytest.approx(1.0)
+    assert "8 trials, 8 completed" in md and "](importances.png)" in md
+
+
+def test_optuna_single_trial_gives_a_note_instead_of_importances(study, tmp_path):
+    dirs, *_ = study
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{tmp_path / 'search.db'}"
+    toy_study(url, "one", 1)
+    out = tmp_path / "out"
+    md = report.make_report(dirs, out, optuna_storage=url, study_name="one").read_text()
+    assert (out / "search_history.png").exists()
+    assert not (out / "importances.csv").exists()
+    assert "Note: no parameter importances" in md
+    md = report.make_report(dirs, out, optuna_storage=url, study_name="missing").read_text()
+    assert "could not be loaded" in md
+
+
+def test_bad_input(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ValueError, match="nowhere"):
+        report.make_report([missing], tmp_path / "out")
+    search_only = tmp_path / "search" / "trial_0"
+    search_only.mkdir(parents=True)
+    (search_only / "summary.json").write_text(json.dumps({"config": {"method": "adaptive"}, "val_dice": 0.7}))
+    with pytest.raises(ValueError, match="no tested runs"):
+        report.make_report([tmp_path / "search"], tmp_path / "out")
+    assert report.main(["--results", str(missing), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "nowhere" in err
+
+
+def test_cli_prints_the_table_path(study, tmp_path, capsys):
+    dirs, *_ = study
+    assert report.main(["--results", *map(str, dirs), "--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "out" / "table.md")
