@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 SMOOTH = 1e-6
 
-# arccos(1 - x)^2 = 2x + x^2/3 + 8x^3/45 + O(x^4): used below this x, where the exact form's
+# arccos(1 - x)^2 = 2x + x^2/3 + 4x^3/45 + O(x^4): used below this x, where the exact form's
 # gradient (through arccos'(c) = -1/sqrt(1 - c^2)) is infinite at c = 1 or loses precision.
 _SERIES_BELOW = 1e-4
 
@@ -65,7 +65,7 @@ def arccos_squared(cos: Tensor) -> Tensor:
     x = 1.0 - cos
     near = x < _SERIES_BELOW
     exact = torch.arccos(torch.where(near, torch.zeros_like(cos), cos)) ** 2
-    series = 2.0 * x + x * x / 3.0 + 8.0 * x**3 / 45.0
+    series = 2.0 * x + x * x / 3.0 + 4.0 * x**3 / 45.0
     return torch.where(near, series, exact)
 
 

@@ -134,21 +134,31 @@ class UNet(nn.Module):
 
 
 @contextmanager
-def mc_dropout_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Batch-norm (and everything else) in eval mode, only the dropout layers switched on.
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Every module in eval mode; on exit each module gets back its own previous mode.
 
-    Restores every module's previous mode on exit.
+    ``model.train(was_training)`` would not do: it would switch on layers the caller had frozen.
     """
     modes = {m: m.training for m in model.modules()}
     model.eval()
-    for m in model.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd):
-            m.train()
     try:
         yield model
     finally:
         for m, training in modes.items():
             m.training = training
+
+
+@contextmanager
+def mc_dropout_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Batch-norm (and everything else) in eval mode, only the dropout layers switched on.
+
+    Restores every module's previous mode on exit.
+    """
+    with eval_mode(model):
+        for m in model.modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.train()
+        yield model
 
 
 def to_input(images: Tensor) -> Tensor:

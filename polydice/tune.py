@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ray
+from ray._private import ray_constants
 import torch
 from ray import tune
 
@@ -64,9 +65,15 @@ def init_ray(
         ray.init(address=address, log_to_driver=True)
         return "cluster"
     # By default Ray registers the host's network address and listens on every interface, even
-    # for a laptop run; with this variable set to 0 every Ray port binds 127.0.0.1.
+    # for a laptop run; with this variable set to 0 every Ray port binds 127.0.0.1. The processes
+    # Ray starts read it from their environment, but this process read it once when Ray was
+    # imported, so its copy of the flag is switched off too.
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(
+        # "local" starts a new instance; no address would join a cluster that `ray start` left
+        # recorded in Ray's temp dir on this machine.
+        address="local",
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         include_dashboard=dashboard,

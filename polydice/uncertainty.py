@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .model import DROPOUT_SITES, UNet, to_input
+from .model import DROPOUT_SITES, UNet, eval_mode, to_input
 
 
 def binary_entropy(p: Tensor) -> Tensor:
@@ -262,46 +262,42 @@ def _estimate(
     memory_format = torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
     elem_bytes = 2 if amp and device.type == "cuda" else 4
 
-    was_training = model.training
-    model.eval()  # batch-norm uses running statistics; dropout is applied by the sampler only
     sampler = DropoutSampler(model.dropout_rate, seed, device)
     difficulty, mean_mi, kept = [], [], {}
-    try:
-        with torch.inference_mode(), _autocast(device, amp):
-            for start in range(0, len(idx), batch_size):
-                sel = idx[start : start + batch_size]
-                x = images[sel].to(device, non_blocking=True).permute(0, 3, 1, 2)
-                x = to_input(x).contiguous(memory_format=memory_format)  # B, 3, H, W
-                y = masks[sel].to(device, non_blocking=True)
-                b, _, h, w = x.shape
-                sampler.batch = b
-                acc = _MapAccumulator(y)
-                if encoder_once:
-                    feats = model.encode(x)
-                    rows = _samples_per_chunk(model, h, w, memory_budget_bytes, elem_bytes)
-                    t_chunk = max(1, min(mc_samples, rows // b))
-                    for t0 in range(0, mc_samples, t_chunk):
-                        t = min(t_chunk, mc_samples - t0)
-                        # Repeat each feature t times, sample-major: rows [s*b:(s+1)*b] are sample s.
-                        stacked = tuple(f.repeat(t, *([1] * (f.dim() - 1))) for f in feats)
-                        logits = model.decode(stacked, dropout=sampler)  # t*b, 2, H, W
-                        probs = torch.softmax(logits.float(), dim=1)[:, 1]
-                        acc.add(probs.view(t, b, h, w))
-                else:
-                    for _ in range(mc_samples):
-                        logits = model.decode(model.encode(x), dropout=sampler)
-                        acc.add(torch.softmax(logits.float(), dim=1)[:, 1][None])
-                maps = acc.maps()
-                difficulty.append(difficulty_scores(maps["mutual_information"].double(), y).cpu())
-                mean_mi.append(maps["mutual_information"].flatten(1).mean(1).double().cpu())
-                n_kept = len(kept.get("image", ()))
-                if n_kept < keep_maps:
-                    take = slice(0, keep_maps - n_kept)
-                    new = {"image": images[sel][take].permute(0, 3, 1, 2), "mask": masks[sel][take]}
-                    new.update({k: v[take].cpu() for k, v in maps.items()})
-                    kept = {k: torch.cat([kept[k], v]) if k in kept else v for k, v in new.items()}
-    finally:
-        model.train(was_training)
+    # Batch-norm uses running statistics; dropout is applied by the sampler only.
+    with eval_mode(model), torch.inference_mode(), _autocast(device, amp):
+        for start in range(0, len(idx), batch_size):
+            sel = idx[start : start + batch_size]
+            x = images[sel].to(device, non_blocking=True).permute(0, 3, 1, 2)
+            x = to_input(x).contiguous(memory_format=memory_format)  # B, 3, H, W
+            y = masks[sel].to(device, non_blocking=True)
+            b, _, h, w = x.shape
+            sampler.batch = b
+            acc = _MapAccumulator(y)
+            if encoder_once:
+                feats = model.encode(x)
+                rows = _samples_per_chunk(model, h, w, memory_budget_bytes, elem_bytes)
+                t_chunk = max(1, min(mc_samples, rows // b))
+                for t0 in range(0, mc_samples, t_chunk):
+                    t = min(t_chunk, mc_samples - t0)
+                    # Repeat each feature t times, sample-major: rows [s*b:(s+1)*b] are sample s.
+                    stacked = tuple(f.repeat(t, *([1] * (f.dim() - 1))) for f in feats)
+                    logits = model.decode(stacked, dropout=sampler)  # t*b, 2, H, W
+                    probs = torch.softmax(logits.float(), dim=1)[:, 1]
+                    acc.add(probs.view(t, b, h, w))
+            else:
+                for _ in range(mc_samples):
+                    logits = model.decode(model.encode(x), dropout=sampler)
+                    acc.add(torch.softmax(logits.float(), dim=1)[:, 1][None])
+            maps = acc.maps()
+            difficulty.append(difficulty_scores(maps["mutual_information"].double(), y).cpu())
+            mean_mi.append(maps["mutual_information"].flatten(1).mean(1).double().cpu())
+            n_kept = len(kept.get("image", ()))
+            if n_kept < keep_maps:
+                take = slice(0, keep_maps - n_kept)
+                new = {"image": images[sel][take].permute(0, 3, 1, 2), "mask": masks[sel][take]}
+                new.update({k: v[take].cpu() for k, v in maps.items()})
+                kept = {k: torch.cat([kept[k], v]) if k in kept else v for k, v in new.items()}
     return UncertaintyResult(torch.cat(difficulty), torch.cat(mean_mi), kept)
 
 
@@ -380,14 +376,9 @@ def mc_samples_of(model: nn.Module, x: Tensor, mc_samples: int, seed: int = 0) -
     device = next(model.parameters()).device
     sampler = DropoutSampler(model.dropout_rate, seed, device)
     sampler.batch = x.shape[0]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            feats = model.encode(x.to(device))
-            out = [torch.softmax(model.decode(feats, dropout=sampler).float(), 1)[:, 1] for _ in range(mc_samples)]
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        feats = model.encode(x.to(device))
+        out = [torch.softmax(model.decode(feats, dropout=sampler).float(), 1)[:, 1] for _ in range(mc_samples)]
     return torch.stack(out)
 
 

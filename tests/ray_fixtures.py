@@ -353,15 +353,11 @@ class PostgresServer:
         self._run("initdb", "-D", str(self.data), "-U", self.user, "--auth=trust", "-E", "UTF8", "--no-sync")
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o",
                   f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sockets} -c fsync=off", "start")
-        import psycopg2
+        import psycopg
 
-        con = psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user, dbname="postgres")
-        try:
-            con.autocommit = True
-            with con.cursor() as cur:
-                cur.execute(f'CREATE DATABASE "{self.db}"')
-        finally:
-            con.close()
+        with psycopg.connect(host="127.0.0.1", port=self.port, user=self.user, dbname="postgres",
+                             autocommit=True) as con:
+            con.execute(f'CREATE DATABASE "{self.db}"')
         return self.url
 
     @property

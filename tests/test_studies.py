@@ -425,7 +425,7 @@ def postgres_url():
     bindir = rf.find_postgres_bin()
     if bindir is None:
         pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not found on PATH or under /usr/lib/postgresql/*/bin")
-    pytest.importorskip("psycopg2")
+    pytest.importorskip("psycopg")
     server = rf.PostgresServer(bindir)
     try:
         yield server.start()
