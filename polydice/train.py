@@ -464,7 +464,7 @@ def checkpoint_state(epoch, cfg, model, optimizer, scaler, controller, history, 
         "history": [dict(h) for h in history],
         "eps_records": None
         if eps_table is None
-        else {col: torch.as_tensor(eps_table[col].to_numpy()) for col in eps_table.columns},
+        else {col: torch.tensor(eps_table[col].to_numpy()) for col in eps_table.columns},
         "best": {
             "val_dice": float(best["val_dice"]),
             "epoch": int(best["epoch"]),

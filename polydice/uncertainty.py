@@ -167,12 +167,13 @@ class DropoutSampler:
         if self.p == 0.0:
             return x
         g = self.generators[site]
-        n = x.shape[0] // self.batch
-        shape = (self.batch, *x.shape[1:])
-        keep = torch.cat(
-            [torch.empty(shape, device=x.device).bernoulli_(1.0 - self.p, generator=g) for _ in range(n)]
-        )
-        return x * keep.to(x.dtype) / (1.0 - self.p)
+        # u < 1 − p is a Bernoulli(1 − p) draw; on a CPU filling uniforms is about 3x faster than
+        # bernoulli_ (and than F.dropout, which uses it), a quarter of a refresh at small widths.
+        scale = torch.empty(x.shape, device=x.device)
+        for s in range(0, x.shape[0], self.batch):
+            torch.rand((self.batch, *x.shape[1:]), generator=g, device=x.device, out=scale[s : s + self.batch])
+        scale.lt_(1.0 - self.p).mul_(1.0 / (1.0 - self.p))
+        return x * scale.to(x.dtype)
 
 
 @dataclass
@@ -189,6 +190,12 @@ class UncertaintyResult:
     difficulty: Tensor
     mean_mi: Tensor
     maps: dict[str, Tensor]
+
+
+# On a CPU the decoder runs fastest in chunks of a few tens of MiB: bigger batches only add memory
+# traffic (estimate ÷ naive at 64 px, c = 8, batch 16: 0.68 with 2 samples per chunk, 0.78 with 4,
+# 0.91 with all 10). The memory budget proper is a GPU concern.
+CPU_CHUNK_BYTES = 32 << 20
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -237,6 +244,17 @@ class _MapAccumulator:
         }
 
 
+def _rows(array: np.ndarray | Tensor, sel: np.ndarray) -> Tensor:
+    """The rows ``sel`` of a dataset array as a tensor of their own.
+
+    Indexing the numpy array first copies just the batch: the array itself may be a read-only
+    view into Ray's object store, which torch must not wrap.
+    """
+    if isinstance(array, Tensor):
+        return array[torch.from_numpy(sel)]
+    return torch.from_numpy(np.ascontiguousarray(array[sel]))
+
+
 def _estimate(
     model: UNet,
     images: np.ndarray | Tensor,
@@ -255,12 +273,12 @@ def _estimate(
         raise ValueError(f"mc_samples must be >= 2 for a mutual information, got {mc_samples}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    images = torch.as_tensor(images)
-    masks = torch.as_tensor(masks)
-    idx = torch.arange(len(images)) if indices is None else torch.as_tensor(np.asarray(indices), dtype=torch.long)
+    idx = np.arange(len(images)) if indices is None else np.asarray(indices, dtype=np.int64)
     device = next(model.parameters()).device
     memory_format = torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
     elem_bytes = 2 if amp and device.type == "cuda" else 4
+    if device.type != "cuda":
+        memory_budget_bytes = min(memory_budget_bytes, CPU_CHUNK_BYTES)
 
     sampler = DropoutSampler(model.dropout_rate, seed, device)
     difficulty, mean_mi, kept = [], [], {}
@@ -268,9 +286,10 @@ def _estimate(
     with eval_mode(model), torch.inference_mode(), _autocast(device, amp):
         for start in range(0, len(idx), batch_size):
             sel = idx[start : start + batch_size]
-            x = images[sel].to(device, non_blocking=True).permute(0, 3, 1, 2)
+            batch_images, batch_masks = _rows(images, sel), _rows(masks, sel)
+            x = batch_images.to(device, non_blocking=True).permute(0, 3, 1, 2)
             x = to_input(x).contiguous(memory_format=memory_format)  # B, 3, H, W
-            y = masks[sel].to(device, non_blocking=True)
+            y = batch_masks.to(device, non_blocking=True)
             b, _, h, w = x.shape
             sampler.batch = b
             acc = _MapAccumulator(y)
@@ -281,7 +300,7 @@ def _estimate(
                 for t0 in range(0, mc_samples, t_chunk):
                     t = min(t_chunk, mc_samples - t0)
                     # Repeat each feature t times, sample-major: rows [s*b:(s+1)*b] are sample s.
-                    stacked = tuple(f.repeat(t, *([1] * (f.dim() - 1))) for f in feats)
+                    stacked = feats if t == 1 else tuple(f.repeat(t, *([1] * (f.dim() - 1))) for f in feats)
                     logits = model.decode(stacked, dropout=sampler)  # t*b, 2, H, W
                     probs = torch.softmax(logits.float(), dim=1)[:, 1]
                     acc.add(probs.view(t, b, h, w))
@@ -295,7 +314,7 @@ def _estimate(
             n_kept = len(kept.get("image", ()))
             if n_kept < keep_maps:
                 take = slice(0, keep_maps - n_kept)
-                new = {"image": images[sel][take].permute(0, 3, 1, 2), "mask": masks[sel][take]}
+                new = {"image": batch_images[take].permute(0, 3, 1, 2), "mask": batch_masks[take]}
                 new.update({k: v[take].cpu() for k, v in maps.items()})
                 kept = {k: torch.cat([kept[k], v]) if k in kept else v for k, v in new.items()}
     return UncertaintyResult(torch.cat(difficulty), torch.cat(mean_mi), kept)

@@ -1,0 +1,287 @@
+"""The training function end to end: outputs, the ε schedule, determinism, resume, learning,
+a non-finite loss, and the command line's answers to bad input.
+
+Runs are tiny (32 px, 4–8 base channels, a few epochs) so that the module takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import polydice.train as pt
+from polydice.config import TrainConfig
+from polydice.data import load_dataset
+from polydice.model import UNet
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_KEYS = ("test_dice", "test_iou", "test_precision", "test_recall", "test_nsd", "test_nll", "test_brier",
+             "test_dice_hardest_quartile", "val_dice")
+
+
+def _config(**extra) -> TrainConfig:
+    values = dict(dataset="synthetic", n_synthetic=40, image_size=32, base_channels=4, batch_size=8,
+                  epochs=3, e0=2, tau=1, mc_samples=3, method="adaptive", log_maps=2)
+    values.update(extra)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def synthetic_32():
+    cfg = _config()
+    return pt.load_data(cfg)
+
+
+@pytest.fixture(scope="module")
+def adaptive_run(tmp_path_factory, synthetic_32):
+    out = tmp_path_factory.mktemp("adaptive")
+    return pt.train(_config(), data=synthetic_32, out_dir=out), out
+
+
+# ============================================================================ outputs
+
+
+def test_summary_has_every_metric_and_the_resolved_config(adaptive_run):
+    result, out = adaptive_run
+    summary = json.loads((out / "summary.json").read_text())
+    for key in TEST_KEYS:
+        assert np.isfinite(summary[key]), key
+        assert 0.0 <= summary[key] or key in ("test_nll",), key
+    assert TrainConfig.from_dict(summary["config"]) == _config()
+    assert summary["refresh_epochs"] == [2, 3]
+    assert summary["n_train"] + summary["n_val"] + summary["n_test"] == summary["dataset_size"] == 40
+
+
+def test_epsilon_csv_is_per_image_inside_the_range_after_each_refresh(adaptive_run):
+    result, out = adaptive_run
+    eps = pd.read_csv(out / "epsilon.csv")
+    assert list(eps.columns) == ["epoch", "index", "difficulty", "epsilon"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(eps["epoch"].unique()) == [2, 3]
+    for _, rows in eps.groupby("epoch"):
+        assert len(rows) == summary["n_train"] and rows["index"].is_unique
+        assert rows["epsilon"].between(0.0, 0.5).all()
+        assert rows["epsilon"].nunique() > len(rows) // 2, "ε is not set per image"
+        # ε grows with difficulty: the sigmoid of Eq. 13 is monotone.
+        ordered = rows.sort_values("difficulty")
+        assert (np.diff(ordered["epsilon"].to_numpy()) >= -1e-6).all()
+    history = pd.read_csv(out / "history.csv")
+    assert history.loc[history["epoch"] == 1, "eps_mean"].item() == 0.0  # before the first refresh
+    assert list(history["refreshed"]) == [False, True, True]
+
+
+def test_per_image_csv_covers_the_test_part(adaptive_run):
+    result, out = adaptive_run
+    per_image = pd.read_csv(out / "per_image.csv")
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(per_image) == summary["n_test"]
+    for key in ("dice", "iou", "precision", "recall", "nsd", "nll", "brier", "difficulty"):
+        assert per_image[key].notna().all(), key
+    assert per_image["dice"].mean() == pytest.approx(summary["test_dice"])
+
+
+def test_tensorboard_has_the_loss_dice_and_epsilon_histograms(adaptive_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out = adaptive_run
+    acc = EventAccumulator(str(out), size_guidance={"histograms": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"loss/train", "dice/val", "epsilon/mean"} <= set(tags["scalars"])
+    assert {"epsilon", "difficulty"} <= set(tags["histograms"])
+    assert [e.step for e in acc.Histograms("epsilon")] == [2, 3]
+    assert tags["images"], "no uncertainty maps"
+
+
+# ============================================================================ determinism and resume
+
+
+def test_same_config_and_seed_give_the_same_numbers(synthetic_32):
+    cfg = _config(epochs=2, e0=1, log_maps=0, tensorboard=False)
+    a = pt.train(cfg, data=synthetic_32, evaluate_test=False)
+    b = pt.train(cfg, data=synthetic_32, evaluate_test=False)
+    pd.testing.assert_frame_equal(a.history.drop(columns="epoch_seconds"), b.history.drop(columns="epoch_seconds"))
+    pd.testing.assert_frame_equal(a.epsilon, b.epsilon)
+    c = pt.train(cfg.replace(seed=1), data=synthetic_32, evaluate_test=False)
+    assert not np.allclose(a.history["train_loss"], c.history["train_loss"])
+
+
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(synthetic_32, tmp_path):
+    """A checkpoint written at the refresh of epoch 2, saved and loaded the way Tune does
+    (``weights_only=True``), continues to exactly the numbers of a run that never stopped."""
+    cfg = _config(epochs=4, e0=2, tau=2, log_maps=0, tensorboard=False)
+    saved = {}
+
+    def report(metrics, state):
+        if state is not None and metrics["epoch"] == 2:
+            pt.save_checkpoint(state, tmp_path / "ckpt.pt")
+            saved["epoch"] = metrics["epoch"]
+
+    full = pt.train(cfg, report, data=synthetic_32)
+    assert saved == {"epoch": 2}
+    state = pt.load_checkpoint(tmp_path / "ckpt.pt")
+    resumed = pt.train(cfg, data=synthetic_32, resume=state)
+    cols = ["epoch", "train_loss", "val_dice", "eps_mean", "eps_std"]
+    pd.testing.assert_frame_equal(full.history[cols], resumed.history[cols])
+    pd.testing.assert_frame_equal(full.epsilon, resumed.epsilon)
+    for key in TEST_KEYS:
+        assert full.summary[key] == pytest.approx(resumed.summary[key], abs=1e-12), key
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(synthetic_32, tmp_path):
+    cfg = _config(epochs=2, e0=1, log_maps=0, tensorboard=False)
+    states = []
+    pt.train(cfg, lambda m, s: states.append(s) if s is not None else None, data=synthetic_32, evaluate_test=False)
+    with pytest.raises(ValueError, match="different config"):
+        pt.train(cfg.replace(k=4.0), data=synthetic_32, resume=states[-1], evaluate_test=False)
+
+
+# ============================================================================ learning
+
+
+def _val_dice_of(model: UNet, data, cfg: TrainConfig) -> float:
+    _, val_idx, _ = pt.make_folds(data.groups, cfg.folds, seed=cfg.split_seed, val_fraction=cfg.val_fraction)[cfg.fold]
+    return pt._validation_dice(model, data, val_idx, pt._Hardware(cfg), cfg.batch_size)
+
+
+def test_a_short_synthetic_run_learns():
+    """A dozen short epochs on the synthetic set lift the best validation Dice clearly above the
+    untrained model's (which marks everything or nothing as polyp: about 0.1 here)."""
+    cfg = TrainConfig(dataset="synthetic", n_synthetic=128, image_size=32, base_channels=8, batch_size=8,
+                      epochs=12, lr=3e-3, e0=4, tau=3, mc_samples=3, method="adaptive", log_maps=0,
+                      tensorboard=False)
+    data = pt.load_data(cfg)
+    pt.seed_everything(cfg.seed)
+    untrained = _val_dice_of(pt.build_model(cfg), data, cfg)
+    result = pt.train(cfg, data=data, evaluate_test=False)
+    assert result.summary["val_dice"] > max(0.2, untrained + 0.1), (untrained, result.history["val_dice"].tolist())
+
+
+# ============================================================================ a non-finite loss
+
+
+def test_nan_loss_stops_the_run_naming_epoch_and_batch(synthetic_32, monkeypatch):
+    cfg = _config(epochs=3, method="dice", log_maps=0, tensorboard=False)
+    n_train = len(pt.make_folds(synthetic_32.groups, cfg.folds, seed=cfg.split_seed, val_fraction=cfg.val_fraction)[0][0])
+    batches = -(-n_train // cfg.batch_size)
+    real = pt.build_method_loss
+    calls = {"n": 0}
+
+    def poisoned(cfg):
+        loss = real(cfg)
+
+        def forward(logits, target, eps=None):
+            calls["n"] += 1
+            value = loss(logits, target, eps)
+            return value * float("nan") if calls["n"] == batches + 2 else value  # epoch 2, batch 2
+
+        return forward
+
+    monkeypatch.setattr(pt, "build_method_loss", poisoned)
+    with pytest.raises(pt.NonFiniteLossError, match=rf"epoch 2, batch 2 of {batches}\b"):
+        pt.train(cfg, data=synthetic_32, evaluate_test=False)
+
+
+# ============================================================================ command line
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "polydice.train", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+TINY = ["--epochs", "1", "--image-size", "32", "--base-channels", "4", "--batch-size", "8", "--mc-samples", "2",
+        "--no-progress"]
+
+
+def test_cli_writes_the_run_folder(tmp_path):
+    out = tmp_path / "run"
+    proc = _cli("--dataset", "synthetic", "--method", "adaptive", "--n-synthetic", "40", "--e0", "1", "--tau", "1",
+                *TINY, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test Dice" in proc.stdout
+    for name in ("summary.json", "epsilon.csv", "per_image.csv", "history.csv"):
+        assert (out / name).exists(), name
+    assert list(out.glob("events.out.tfevents.*"))
+
+
+def _kvasir(root: Path, n: int = 6, size: int = 40) -> Path:
+    rng = np.random.default_rng(0)
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / "images" / f"img{i}.jpg")
+        mask = np.zeros((size, size), np.uint8)
+        mask[10:25, 12:30] = 255
+        Image.fromarray(mask).save(root / "masks" / f"img{i}.jpg")
+    return root
+
+
+def _assert_one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+
+
+@pytest.mark.parametrize("problem", ["corrupt image", "unreadable image", "mask of another size", "missing mask",
+                                     "empty folder"])
+def test_cli_bad_kvasir_folder_ends_with_one_clear_message(problem, tmp_path):
+    root = _kvasir(tmp_path / "kvasir")
+    named = ""
+    if problem == "corrupt image":
+        (root / "images" / "img3.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+        named = "img3.jpg"
+    elif problem == "unreadable image":
+        path = root / "images" / "img2.jpg"
+        path.write_bytes(b"")
+        named = "img2.jpg"
+    elif problem == "mask of another size":
+        Image.fromarray(np.zeros((20, 30), np.uint8)).save(root / "masks" / "img1.jpg")
+        named = "img1"
+    elif problem == "missing mask":
+        (root / "masks" / "img4.jpg").unlink()
+        named = "img4"
+    else:
+        for path in (root / "images").iterdir():
+            path.unlink()
+        named = "images"
+    proc = _cli("--dataset", "kvasir", "--data-dir", str(root), "--method", "dice", *TINY, "--out", str(tmp_path / "o"))
+    _assert_one_error_line(proc, named)
+    assert proc.returncode == 2
+
+
+def test_cli_unknown_method_names_the_value(tmp_path):
+    proc = _cli("--dataset", "synthetic", "--method", "tversky", *TINY, "--out", str(tmp_path / "o"))
+    _assert_one_error_line(proc, "tversky")
+
+
+def test_cli_missing_data_dir_is_named(tmp_path):
+    missing = tmp_path / "nowhere"
+    proc = _cli("--dataset", "kvasir", "--data-dir", str(missing), *TINY, "--out", str(tmp_path / "o"))
+    _assert_one_error_line(proc, str(missing))
+
+
+def test_loader_reads_what_the_cli_reads(tmp_path):
+    """The fixture folder is valid as written: the failures above come from the one broken file."""
+    data = load_dataset("kvasir", _kvasir(tmp_path / "kvasir"), 32)
+    assert data.images.shape == (6, 32, 32, 3) and set(np.unique(data.masks)) == {0, 1}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback of the device choices")
+def test_cuda_choices_are_off_on_a_cpu():
+    hw = pt._Hardware(_config(device="auto"))
+    assert hw.device.type == "cpu" and hw.amp_dtype is None and not hw.pin_memory
+    assert hw.memory_format == torch.contiguous_format and not hw.scaler.is_enabled()
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        pt.resolve_device("cuda")
