@@ -20,7 +20,7 @@ from ray import tune
 
 from polydice.config import TrainConfig
 from polydice.data import SegmentationData, make_folds
-from polydice.model import forward_flops
+from polydice.model import forward_flops, refresh_flops
 from polydice.schedule import refresh_epochs
 from polydice.train import _Hardware, train
 from polydice.tune import make_trainable, run_config
@@ -46,12 +46,12 @@ def _fit(trainable, storage: str, name: str, param_space: dict | None = None, co
 
 def _run_flops(cfg: TrainConfig, data: SegmentationData) -> tuple[int, float]:
     """Training images seen and FLOPs of one ``train()`` run: 3x forward per training image,
-    1x per validation image, encoder + T decoders per training image at each ε refresh."""
+    1x per validation image, :func:`refresh_flops` per training image at each ε refresh."""
     train_idx, val_idx, _ = make_folds(data.groups, cfg.folds, seed=cfg.split_seed, val_fraction=cfg.val_fraction)[cfg.fold]
     f = forward_flops(cfg.base_channels, cfg.image_size)
     refreshes = len(refresh_epochs(cfg.epochs, cfg.e0, cfg.tau)) if cfg.uses_controller else 0
     per_epoch = len(train_idx) * 3 * f["total"] + len(val_idx) * f["total"]
-    refresh = len(train_idx) * (f["encoder"] + cfg.mc_samples * f["decoder"])
+    refresh = len(train_idx) * refresh_flops(cfg.base_channels, cfg.image_size, cfg.mc_samples)
     return cfg.epochs * len(train_idx), cfg.epochs * per_epoch + refreshes * refresh
 
 

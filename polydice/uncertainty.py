@@ -9,9 +9,9 @@ Pixel maps from T stochastic foreground probabilities ``samples (T, B, H, W)``:
 
 ``H(p) = −p log p − (1 − p) log(1 − p)`` in nats with ``0 · log 0 = 0``.
 
-The estimator :func:`estimate_uncertainty` runs the deterministic encoder once per batch and only
-the decoder T times, the T samples stacked along the batch dimension and chunked to a memory
-budget; :func:`estimate_uncertainty_naive` is Algorithm 1 read literally (T full forward passes),
+The estimator :func:`estimate_uncertainty` runs the deterministic encoder, and the decoder's
+convolutions of the encoder's skip features, once per batch, and only the rest of the decoder T
+times, the T samples stacked along the batch dimension and chunked to a memory budget; :func:`estimate_uncertainty_naive` is Algorithm 1 read literally (T full forward passes),
 kept as the reference the fast path is tested and benchmarked against. Both draw their dropout
 masks from seeded generators, one per dropout site and one mask per (sample, batch), in the same
 order, so that for the same seed they give the same maps.
@@ -192,10 +192,12 @@ class UncertaintyResult:
     maps: dict[str, Tensor]
 
 
-# On a CPU the decoder runs fastest in chunks of a few tens of MiB: bigger batches only add memory
-# traffic (estimate ÷ naive at 64 px, c = 8, batch 16: 0.68 with 2 samples per chunk, 0.78 with 4,
-# 0.91 with all 10). The memory budget proper is a GPU concern.
-CPU_CHUNK_BYTES = 32 << 20
+# On a CPU the decoder runs fastest in chunks of about 16 MiB (as _samples_per_chunk counts them):
+# bigger ones only add memory traffic. Estimate ÷ naive, batch 16, 2 cores, Kvasir-SEG:
+# 64 px, c = 8 (1 MiB a row): 0.51 with 1 sample per chunk (16 MiB), 0.66 with 2, 0.74 with 10;
+# 32 px, c = 8: 0.60 with 1 sample, 0.43 with 4 (16 MiB), 0.59 with 10.
+# The memory budget proper is a GPU concern.
+CPU_CHUNK_BYTES = 16 << 20
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -294,14 +296,13 @@ def _estimate(
             sampler.batch = b
             acc = _MapAccumulator(y)
             if encoder_once:
-                feats = model.encode(x)
+                cache = model.prepare_sampling(model.encode(x))
                 rows = _samples_per_chunk(model, h, w, memory_budget_bytes, elem_bytes)
                 t_chunk = max(1, min(mc_samples, rows // b))
                 for t0 in range(0, mc_samples, t_chunk):
                     t = min(t_chunk, mc_samples - t0)
-                    # Repeat each feature t times, sample-major: rows [s*b:(s+1)*b] are sample s.
-                    stacked = feats if t == 1 else tuple(f.repeat(t, *([1] * (f.dim() - 1))) for f in feats)
-                    logits = model.decode(stacked, dropout=sampler)  # t*b, 2, H, W
+                    # Rows [s*b:(s+1)*b] are sample s.
+                    logits = model.decode_samples(cache, t, dropout=sampler)  # t*b, 2, H, W
                     probs = torch.softmax(logits.float(), dim=1)[:, 1]
                     acc.add(probs.view(t, b, h, w))
             else:
@@ -335,6 +336,9 @@ def estimate_uncertainty(
     keep_maps: int = 0,
 ) -> UncertaintyResult:
     """MC-Dropout over a dataset: the encoder once per batch, the decoder T times, batched.
+
+    Of the decoder, the skip-channel half of each ``Up`` block's first convolution is also
+    deterministic and runs once per batch (:meth:`~polydice.model.UNet.prepare_sampling`).
 
     The model's weights are fixed (inference mode, no gradients); batch-norm uses its running
     statistics and only the two dropout sites are stochastic, seeded by ``seed``. On CUDA it runs
@@ -379,7 +383,8 @@ def estimate_uncertainty_naive(
 ) -> UncertaintyResult:
     """Algorithm 1 lines 6–9 read literally: T full forward passes per batch.
 
-    The reference for :func:`estimate_uncertainty`: same seeded masks, same maps, ~1.5× the work.
+    The reference for :func:`estimate_uncertainty`: same seeded masks, same maps, about 2.2× the
+    convolution FLOPs at T = 10 (:func:`~polydice.model.refresh_flops`).
     """
     return _estimate(
         model, images, masks, indices, mc_samples, batch_size, seed, amp, channels_last,

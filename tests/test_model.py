@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from polydice.model import DROPOUT_SITES, UNet, forward_flops, mc_dropout_mode, to_input
+from torch.utils.flop_counter import FlopCounterMode
+
+from polydice.model import DROPOUT_SITES, UNet, forward_flops, mc_dropout_mode, refresh_flops, to_input
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -97,6 +99,36 @@ def test_forward_flops_equals_hook_count_small(base, size, in_ch):
     flops = forward_flops(base, size, in_ch)
     assert flops["encoder"] == pytest.approx(counted["encoder"], rel=1e-12)
     assert flops["decoder"] == pytest.approx(counted["decoder"], rel=1e-12)
+
+
+def _flops(fn) -> float:
+    """FLOPs of ``fn()`` as torch's own counter sees them (convolutions and matmuls)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("base,size", [(8, 64), (4, 50)])
+def test_flop_split_of_sampling_equals_torch_flop_counter(base, size):
+    """encode, prepare_sampling and one decode_samples pass cost what forward_flops says."""
+    model = UNet(base_channels=base).eval()
+    f = forward_flops(base, size)
+    with torch.no_grad():
+        x = torch.rand(1, 3, size, size)
+        assert _flops(lambda: model.encode(x)) == pytest.approx(f["encoder"], rel=1e-12)
+        feats = model.encode(x)
+        assert _flops(lambda: model.prepare_sampling(feats)) == pytest.approx(f["decoder_skip"], rel=1e-12)
+        cache = model.prepare_sampling(feats)
+        assert _flops(lambda: model.decode_samples(cache, 3)) == pytest.approx(3 * (f["decoder"] - f["decoder_skip"]),
+                                                                             rel=1e-12)
+    assert refresh_flops(base, size, 10) == pytest.approx(f["encoder"] + f["decoder_skip"]
+                                                          + 10 * (f["decoder"] - f["decoder_skip"]), rel=1e-12)
+
+
+def test_refresh_flops_thesis_size():
+    """At c = 64, 224×224, T = 10 the estimator needs 0.45 of the naive T full passes."""
+    assert round(forward_flops(64, 224)["decoder_skip"] / 1e9, 1) == 14.8
+    assert refresh_flops(64, 224, 10) / (10 * forward_flops(64, 224)["total"]) == pytest.approx(0.4537, abs=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,6 +281,63 @@ def test_dropout_sites_and_order(small):
     assert calls[1][1] == (2, 8, 64, 64)  # up4 output: c channels at full resolution
     with torch.no_grad():
         torch.testing.assert_close(out, small.decode(small.encode(_x(2))), rtol=0, atol=0)
+
+
+def _seeded_dropout(seed: int):
+    """A dropout fn drawing masks of each call's full shape from one generator, in call order."""
+    g = torch.Generator().manual_seed(seed)
+    return lambda x, site: x * (torch.rand(x.shape, generator=g) < 0.5) * 2.0
+
+
+def _repeat(feats, samples):
+    return tuple(f.repeat(samples, 1, 1, 1) for f in feats)
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+@pytest.mark.parametrize("h,w", [(64, 64), (50, 66), (17, 23)])
+def test_decode_samples_equals_decode_of_repeated_features(small, samples, h, w):
+    """The skip term computed once and added to every sample gives decode's logits, odd sizes
+    (padded upsampling) included, with the same masks at the same sites."""
+    small.eval()
+    x = _x(2, h, w)
+    with torch.no_grad():
+        feats = small.encode(x)
+        got = small.decode_samples(small.prepare_sampling(feats), samples, dropout=_seeded_dropout(5))
+        expected = small.decode(_repeat(feats, samples), dropout=_seeded_dropout(5))
+        assert got.shape == (samples * 2, 2, h, w)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        # No dropout fn: the model's own (eval-mode) dropout layers, i.e. the deterministic forward.
+        torch.testing.assert_close(small.decode_samples(small.prepare_sampling(feats), samples),
+                                   small(x).repeat(samples, 1, 1, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_samples_rows_are_sample_major(small):
+    """Rows [s*B:(s+1)*B] are sample s: with dropout off every block equals the single forward."""
+    small.eval()
+    x = _x(3)
+    with torch.no_grad():
+        cache = small.prepare_sampling(small.encode(x))
+        out = small.decode_samples(cache, 4, dropout=lambda x, site: x).unflatten(0, (4, 3))
+        for s in range(4):
+            torch.testing.assert_close(out[s], small(x), rtol=1e-5, atol=1e-5)
+
+
+def test_skip_term_split_with_a_conv_bias():
+    """A bias on the first convolution is added once, not once per term."""
+    from polydice.model import Up
+
+    torch.manual_seed(0)
+    up = Up(16, 4)
+    biased = nn.Conv2d(16, 8, 3, padding=1, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(up.conv[0].weight)
+        biased.bias.normal_()
+    up.conv[0] = biased
+    up.eval()
+    x, skip = torch.rand(6, 8, 5, 7), torch.rand(3, 8, 11, 14)  # 2 samples of 3; odd sizes pad
+    with torch.no_grad():
+        got = up.forward_with_skip_term(x, up.skip_term(skip))
+        torch.testing.assert_close(got, up(x, skip.repeat(2, 1, 1, 1)), rtol=1e-5, atol=1e-5)
 
 
 def test_dropout_fn_output_is_used(small):

@@ -385,26 +385,35 @@ def test_fast_estimator_equals_naive(model, data, batch_size, budget_rows):
 @pytest.mark.parametrize("budget_rows,batch_size", [(10**6, 2), (4, 2), (1, 5)])
 def test_fast_estimator_runs_encoder_once_and_decodes_all_rows(model, data, monkeypatch, budget_rows, batch_size):
     images, masks = data
-    calls = {"encode": 0, "decode_rows": [], "decode_calls": 0}
-    encode, decode = model.encode, model.decode
+    calls = {"encode": 0, "prepare": 0, "decode_rows": [], "decode_calls": 0}
+    encode, prepare, decode_samples = model.encode, model.prepare_sampling, model.decode_samples
 
     def counting_encode(x):
         calls["encode"] += 1
         return encode(x)
 
-    def counting_decode(feats, dropout=None):
+    def counting_prepare(feats):
+        calls["prepare"] += 1
+        return prepare(feats)
+
+    def counting_decode(cache, samples, dropout=None):
         calls["decode_calls"] += 1
-        calls["decode_rows"].append(feats[0].shape[0])
-        return decode(feats, dropout=dropout)
+        calls["decode_rows"].append(samples * cache.bottleneck.shape[0])
+        return decode_samples(cache, samples, dropout=dropout)
+
+    def full_decode(*args, **kwargs):
+        raise AssertionError("the fast estimator must not run the full decoder")
 
     monkeypatch.setattr(model, "encode", counting_encode)
-    monkeypatch.setattr(model, "decode", counting_decode)
+    monkeypatch.setattr(model, "prepare_sampling", counting_prepare)
+    monkeypatch.setattr(model, "decode_samples", counting_decode)
+    monkeypatch.setattr(model, "decode", full_decode)
     estimate_uncertainty(
         model, images, masks, mc_samples=T, batch_size=batch_size, seed=0,
         memory_budget_bytes=budget_rows * _row_bytes(model),
     )
     n_batches = math.ceil(N / batch_size)
-    assert calls["encode"] == n_batches
+    assert calls["encode"] == calls["prepare"] == n_batches
     assert sum(calls["decode_rows"]) == N * T
     assert max(calls["decode_rows"]) <= max(budget_rows, batch_size)  # at least one sample per call
     if budget_rows >= N * T:
