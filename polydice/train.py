@@ -131,21 +131,31 @@ class _Hardware:
         return to_input(images.to(self.device, non_blocking=True)).contiguous(memory_format=self.memory_format)
 
 
-def _predict(model: nn.Module, data: SegmentationData, indices: np.ndarray, hw: _Hardware, batch_size: int):
-    """Foreground probabilities ``(N, H, W)`` float32 on CPU, full eval mode, in ``indices`` order."""
+def _per_image_metrics(model: nn.Module, data: SegmentationData, indices: np.ndarray, hw: _Hardware,
+                       batch_size: int, metrics: Callable[[Tensor, Tensor], dict[str, Tensor]]) -> dict[str, Tensor]:
+    """``metrics(probs (B, H, W), masks (B, H, W))`` batch by batch in full eval mode, each key's
+    ``(B,)`` values concatenated in ``indices`` order.
+
+    Streaming keeps the memory of one batch: all probabilities of a large validation set at
+    full resolution would not fit beside concurrent trials.
+    """
     model.eval()
-    out = []
-    with torch.inference_mode(), hw.autocast():
-        for start in range(0, len(indices), batch_size):
-            sel = indices[start : start + batch_size]
+    if len(indices) == 0:
+        empty = torch.empty(0, *data.masks.shape[1:])
+        return metrics(empty, empty.to(torch.uint8))
+    parts: dict[str, list[Tensor]] = {}
+    for start in range(0, len(indices), batch_size):
+        sel = indices[start : start + batch_size]
+        with torch.inference_mode(), hw.autocast():
             x = hw.images(torch.from_numpy(data.images[sel]).permute(0, 3, 1, 2))
-            out.append(foreground_probs(model(x)).cpu())
-    return torch.cat(out) if out else torch.empty(0, *data.masks.shape[1:])
+            probs = foreground_probs(model(x)).float().cpu()
+        for key, value in metrics(probs, torch.from_numpy(data.masks[sel])).items():
+            parts.setdefault(key, []).append(value)
+    return {key: torch.cat(values) for key, values in parts.items()}
 
 
 def _validation_dice(model, data, indices, hw, batch_size) -> float:
-    probs = _predict(model, data, indices, hw, batch_size)
-    return float(segmentation_metrics(probs, torch.from_numpy(data.masks[indices])).get("dice").mean())
+    return float(_per_image_metrics(model, data, indices, hw, batch_size, segmentation_metrics)["dice"].mean())
 
 
 def _map_panel(maps: dict[str, Tensor]) -> np.ndarray:
@@ -423,9 +433,9 @@ def _check_finite(first_bad: Tensor, epoch: int, loader) -> None:
 
 def _test(cfg: TrainConfig, model: UNet, data: SegmentationData, test_idx: np.ndarray, hw: _Hardware) -> pd.DataFrame:
     """Per-image test metrics, and each test image's MC-Dropout difficulty for stratification."""
-    probs = _predict(model, data, test_idx, hw, cfg.batch_size)
+    metrics = _per_image_metrics(model, data, test_idx, hw, cfg.batch_size,
+                                 lambda probs, masks: all_metrics(probs, masks, cfg.nsd_tolerance))
     masks = torch.from_numpy(data.masks[test_idx])
-    metrics = all_metrics(probs, masks, cfg.nsd_tolerance)
     est = estimate_uncertainty(
         model,
         data.images,

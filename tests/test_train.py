@@ -144,6 +144,28 @@ def test_resume_refuses_a_checkpoint_of_another_config(synthetic_32, tmp_path):
         pt.train(cfg.replace(k=4.0), data=synthetic_32, resume=states[-1], evaluate_test=False)
 
 
+# ============================================================================ evaluation
+
+
+def test_per_image_metrics_in_batches_equal_one_pass(synthetic_32):
+    """Validation and test metrics are computed batch by batch; per image they are the same as
+    over the whole set at once, in the order of the indices, and an empty set gives empty values."""
+    cfg = _config()
+    torch.manual_seed(0)
+    model, hw = pt.build_model(cfg), pt._Hardware(cfg)
+    idx = np.array([7, 3, 30, 12, 0, 21, 5])
+    metrics = lambda probs, masks: pt.all_metrics(probs, masks, cfg.nsd_tolerance)  # noqa: E731
+    batched = pt._per_image_metrics(model, synthetic_32, idx, hw, 3, metrics)
+    with torch.no_grad():
+        probs = pt.foreground_probs(model.eval()(pt.to_input(torch.from_numpy(synthetic_32.images[idx]).permute(0, 3, 1, 2))))
+    whole = metrics(probs, torch.from_numpy(synthetic_32.masks[idx]))
+    assert set(batched) == set(whole) and all(v.shape == (len(idx),) for v in batched.values())
+    for key in whole:
+        torch.testing.assert_close(batched[key], whole[key], rtol=1e-5, atol=1e-6, msg=key)
+    empty = pt._per_image_metrics(model, synthetic_32, np.array([], dtype=np.int64), hw, 3, metrics)
+    assert all(v.shape == (0,) for v in empty.values())
+
+
 # ============================================================================ learning
 
 
