@@ -130,18 +130,28 @@ def node_pss() -> int:
 
 
 class PeakPss:
-    """``with PeakPss() as peak: ...`` samples :func:`node_pss` in a thread; ``peak.value`` after."""
+    """``with PeakPss() as peak: ...`` samples :func:`node_pss` in a thread; ``peak.value`` after.
 
-    def __init__(self, interval_s: float = 0.1):
+    Reading PSS walks every process's page tables, which takes a good part of a second when a
+    large object store is mapped by several workers; the sampler waits ``idle_factor`` times as
+    long as its last sample took (at least ``interval_s``), so that it uses at most
+    1 / (1 + idle_factor) of a core and does not slow the trials it measures.
+    """
+
+    def __init__(self, interval_s: float = 0.1, idle_factor: float = 4.0):
         self.interval_s = interval_s
+        self.idle_factor = idle_factor
         self.value = 0
+        self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
         while not self._stop.is_set():
+            start = time.perf_counter()
             self.value = max(self.value, node_pss())
-            self._stop.wait(self.interval_s)
+            self.samples += 1
+            self._stop.wait(max(self.interval_s, self.idle_factor * (time.perf_counter() - start)))
 
     def __enter__(self) -> "PeakPss":
         self._thread.start()
@@ -169,15 +179,15 @@ def _max_overlap(grid: tune.ResultGrid) -> int:
 
 
 def _footprint(cfg: TrainConfig, data: SegmentationData, hw: _Hardware, storage: str, name: str,
-               trials: int) -> tuple[int, int]:
+               trials: int) -> tuple[int, int, int]:
     """Peak node PSS above the level before the dataset enters the object store, while ``trials``
-    trials run at once; and how many did overlap."""
+    trials run at once; how many did overlap; how many PSS samples were taken."""
     baseline = _settled_pss()
     gpus = 1 / MEMORY_TRIALS if hw.device.type == "cuda" else 0
     trainable = make_trainable(cfg, data, cpus_per_trial=1, gpus_per_trial=gpus)  # ray.put of the dataset
     with PeakPss() as peak:
         grid = _fit(trainable, storage, name, {"seed": tune.grid_search(list(range(trials)))}, concurrent=trials)
-    return peak.value - baseline, _max_overlap(grid)
+    return peak.value - baseline, _max_overlap(grid), peak.samples
 
 
 def memory_4trials_vs_4x1(cfg: TrainConfig, data: SegmentationData, hw: _Hardware, repeats: int,
@@ -194,14 +204,15 @@ def memory_4trials_vs_4x1(cfg: TrainConfig, data: SegmentationData, hw: _Hardwar
     for repeat in range(repeats):
         order = (1, MEMORY_TRIALS) if repeat % 2 == 0 else (MEMORY_TRIALS, 1)
         runs = {k: _footprint(cfg, data, hw, storage, f"memory-{k}x-{repeat}", k) for k in order}
-        (f1, _), (f4, overlap) = runs[1], runs[MEMORY_TRIALS]
+        (f1, _, samples1), (f4, overlap, samples4) = runs[1], runs[MEMORY_TRIALS]
         m = f1 - d
         ratios.append(f4 / (MEMORY_TRIALS * f1))
         targets.append((MEMORY_TRIALS * m + 1.5 * d) / (MEMORY_TRIALS * (m + d)))
         lines.append(
             f"  repeat {repeat + 1}: F1 {f1 / MiB:.0f} MiB, F4 {f4 / MiB:.0f} MiB ({overlap} trials overlapped), "
             f"private per trial: alone {m / MiB:.0f} MiB, of 4 {(f4 - d) / MEMORY_TRIALS / MiB:.0f} MiB; "
-            f"held-once ratio {(MEMORY_TRIALS * m + d) / (MEMORY_TRIALS * f1):.3f}"
+            f"held-once ratio {(MEMORY_TRIALS * m + d) / (MEMORY_TRIALS * f1):.3f}; "
+            f"{samples1} and {samples4} PSS samples"
         )
     return CaseResult("memory_4trials_vs_4x1", statistics.median(ratios), statistics.median(targets), [
         f"memory_4trials_vs_4x1: dataset {len(data)} images at {cfg.image_size} px = {d / MiB:.1f} MiB (d), "
