@@ -38,6 +38,9 @@ class TrainConfig:
     Evaluation and logging:
         nsd_tolerance (pixels), tag (label of the run in reports, e.g. ``adaptive-tuned``), log_maps (uncertainty maps written per refresh), log_every
         (steps between synchronising loss scalars), tensorboard.
+    Debugging:
+        max_batches (at most this many batches per training epoch and per validation pass; 0:
+        all. For smoke runs and benchmarks; ε refreshes and the test see every image).
     """
 
     dataset: str = "synthetic"
@@ -89,6 +92,8 @@ class TrainConfig:
     log_every: int = 20
     tensorboard: bool = True
 
+    max_batches: int = 0
+
     def __post_init__(self) -> None:
         errors = []
         if self.method not in METHODS:
@@ -121,6 +126,8 @@ class TrainConfig:
             errors.append(f"dropout must be in [0, 1), got {self.dropout}")
         if self.method == "adaptive" and self.dropout == 0.0:
             errors.append("the adaptive method needs dropout > 0 for MC-Dropout")
+        if self.max_batches < 0:
+            errors.append(f"max_batches must be >= 0 (0: all batches), got {self.max_batches}")
         if self.order < 1:
             errors.append(f"order must be >= 1, got {self.order}")
         if errors:

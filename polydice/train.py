@@ -277,7 +277,8 @@ def train(
                 refreshed = True
 
             train_loss = _train_epoch(epoch, cfg, step_model, loss_fn, optimizer, data, train_idx, controller, hw, writer)
-            val_dice = _validation_dice(model, data, val_idx, hw, cfg.batch_size)
+            val_dice = _validation_dice(model, data, val_idx[: cfg.max_batches * cfg.batch_size or None], hw,
+                                        cfg.batch_size)
             if val_dice > best["val_dice"]:
                 best.update(val_dice=val_dice, epoch=epoch)
                 if cfg.select_best:
@@ -417,6 +418,8 @@ def _train_epoch(epoch, cfg, model, loss_fn, optimizer, data, train_idx, control
         n_images += len(indices)
         if (step + 1) % cfg.log_every == 0:
             _check_finite(first_bad, epoch, loader)
+        if step + 1 == cfg.max_batches:
+            break
     _check_finite(first_bad, epoch, loader)
     mean = float(total) / max(n_images, 1)
     return mean
@@ -561,6 +564,7 @@ _CLI_FIELDS = {
     "--num-workers": ("num_workers", int),
     "--device": ("device", str),
     "--nsd-tolerance": ("nsd_tolerance", float),
+    "--max-batches": ("max_batches", int),
 }
 
 

@@ -166,6 +166,30 @@ def test_per_image_metrics_in_batches_equal_one_pass(synthetic_32):
     assert all(v.shape == (0,) for v in empty.values())
 
 
+def test_max_batches_limits_training_and_validation_batches(synthetic_32, monkeypatch):
+    """max_batches = 1: one training batch per epoch, one batch of validation; 0 (default): all."""
+    seen = []
+    build = pt.build_model
+
+    def counting_model(cfg):
+        model = build(cfg)
+        model.register_forward_hook(lambda m, inputs, out: seen.append((m.training, inputs[0].shape[0])))
+        return model
+
+    monkeypatch.setattr(pt, "build_model", counting_model)
+    cfg = _config(method="dice", epochs=2, batch_size=4, max_batches=1, log_maps=0, tensorboard=False)
+    result = pt.train(cfg, data=synthetic_32, evaluate_test=False)
+    assert seen == [(True, 4), (False, 4)] * 2
+    assert result.summary["n_train"] > 4 and result.summary["n_val"] > 4  # the split itself is unchanged
+    seen.clear()
+    pt.train(cfg.replace(max_batches=0, epochs=1), data=synthetic_32, evaluate_test=False)
+    n_train, n_val = result.summary["n_train"], result.summary["n_val"]
+    assert sum(n for training, n in seen if training) == n_train
+    assert sum(n for training, n in seen if not training) == n_val
+    with pytest.raises(ValueError, match="max_batches"):
+        _config(max_batches=-1)
+
+
 # ============================================================================ learning
 
 
