@@ -14,7 +14,7 @@ encoder once and only the decoder T times (see :mod:`polydice.uncertainty`). Of 
 a part is deterministic: the first convolution of each ``Up`` block sees ``cat([skip, x])``, and
 its weights on the skip channels act on encoder features only. :meth:`UNet.prepare_sampling`
 computes that term once per image and :meth:`UNet.decode_samples` adds it to every sample, which
-leaves 60 % of the decoder's FLOPs to run T times.
+leaves 62 % of the decoder's FLOPs to run T times.
 """
 
 from __future__ import annotations
