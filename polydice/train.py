@@ -240,6 +240,7 @@ def train(
         raise ValueError(f"data holds {data.images.shape[1]}px images but the config asks for {cfg.image_size}px")
     folds = make_folds(data.groups, cfg.folds, seed=cfg.split_seed, val_fraction=cfg.val_fraction)
     train_idx, val_idx, test_idx = folds[cfg.fold]
+    val_eval_idx = val_idx[: cfg.max_batches * cfg.batch_size] if cfg.max_batches else val_idx
 
     model = build_model(cfg).to(hw.device, memory_format=hw.memory_format)
     step_model = torch.compile(model) if cfg.compile else model
@@ -277,8 +278,7 @@ def train(
                 refreshed = True
 
             train_loss = _train_epoch(epoch, cfg, step_model, loss_fn, optimizer, data, train_idx, controller, hw, writer)
-            val_dice = _validation_dice(model, data, val_idx[: cfg.max_batches * cfg.batch_size or None], hw,
-                                        cfg.batch_size)
+            val_dice = _validation_dice(model, data, val_eval_idx, hw, cfg.batch_size)
             if val_dice > best["val_dice"]:
                 best.update(val_dice=val_dice, epoch=epoch)
                 if cfg.select_best:

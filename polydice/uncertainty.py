@@ -11,10 +11,11 @@ Pixel maps from T stochastic foreground probabilities ``samples (T, B, H, W)``:
 
 The estimator :func:`estimate_uncertainty` runs the deterministic encoder, and the decoder's
 convolutions of the encoder's skip features, once per batch, and only the rest of the decoder T
-times, the T samples stacked along the batch dimension and chunked to a memory budget; :func:`estimate_uncertainty_naive` is Algorithm 1 read literally (T full forward passes),
-kept as the reference the fast path is tested and benchmarked against. Both draw their dropout
-masks from seeded generators, one per dropout site and one mask per (sample, batch), in the same
-order, so that for the same seed they give the same maps.
+times, the T samples stacked along the batch dimension and chunked to a memory budget;
+:func:`estimate_uncertainty_naive` is Algorithm 1 read literally (T full forward passes), kept as
+the reference the fast path is tested and benchmarked against. Both draw their dropout masks from
+seeded generators, one per dropout site and one mask per (sample, batch), in the same order, so
+that for the same seed they give the same maps.
 """
 
 from __future__ import annotations
