@@ -212,7 +212,12 @@ def run_config(
         storage_path=storage_uri(storage_path),
         # A trial whose worker dies restarts from its last checkpoint, up to max_failures times.
         failure_config=tune.FailureConfig(max_failures=max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        # Tune snapshots the experiment (result.json included) to storage at least every
+        # num_to_keep trial checkpoints, and a restarted trial copies result.json back from
+        # storage over the driver's newer copy: with 2, rows reported before a worker died could
+        # vanish from result.json (one run in four of the kill test). With 1, storage holds every
+        # row up to the checkpoint the trial restarts from.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         sync_config=tune.SyncConfig(sync_artifacts=True),
         stop=stop,
         verbose=verbose,
