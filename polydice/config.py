@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 
 METHODS = ("adaptive", "polydice", "dice", "focal", "ce_dice", "pm_dice", "dsc_pp")
 DATASETS = ("synthetic", "kvasir", "cvc")
+# The two readings of PolyDice's scale s (polydice.losses.scale_and_angle).
+SCALES = ("norm", "inner")
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,10 @@ class TrainConfig:
         are seeded by it, not by ``seed``, so every method and trial sees the same splits), augment.
     Method:
         method (one of ``METHODS``; ``adaptive`` is PolyDice-1 with per-image ε), eps (fixed ε of
-        ``polydice``), order (PolyDice-K), focal_gamma, pm_gamma, dscpp_gamma.
+        ``polydice``), order (PolyDice-K), polydice_scale (``"norm"``: the s of thesis Eq. 2, the
+        default; ``"inner"``: the thesis's printed s, an ablation), focal_gamma, pm_gamma,
+        dscpp_gamma, pm_include_background (PM Dice averages background and foreground as its
+        Eq. 5; ``False``: foreground only).
     Controller (Algorithm 1):
         e0, tau, mc_samples (T), q, k, eps_min, eps_max, delta.
     Optimisation:
@@ -57,9 +62,11 @@ class TrainConfig:
     method: str = "adaptive"
     eps: float = 0.0
     order: int = 1
+    polydice_scale: str = "norm"
     focal_gamma: float = 2.0
     pm_gamma: float = 1.0
     dscpp_gamma: float = 2.0
+    pm_include_background: bool = True
 
     e0: int = 10
     tau: int = 10
@@ -128,6 +135,8 @@ class TrainConfig:
             errors.append("the adaptive method needs dropout > 0 for MC-Dropout")
         if self.max_batches < 0:
             errors.append(f"max_batches must be >= 0 (0: all batches), got {self.max_batches}")
+        if self.polydice_scale not in SCALES:
+            errors.append(f"polydice_scale must be one of {', '.join(SCALES)}, got {self.polydice_scale!r}")
         if self.order < 1:
             errors.append(f"order must be >= 1, got {self.order}")
         if errors:

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import SCALES
+
 SMOOTH = 1e-6
 
 # arccos(1 - x)^2 = 2x + x^2/3 + 4x^3/45 + O(x^4): used below this x, where the exact form's
@@ -69,30 +71,54 @@ def arccos_squared(cos: Tensor) -> Tensor:
     return torch.where(near, series, exact)
 
 
-def scale_and_angle(probs: Tensor, target: Tensor, smooth: float = SMOOTH) -> tuple[Tensor, Tensor]:
+def scale_and_angle(
+    probs: Tensor, target: Tensor, smooth: float = SMOOTH, scale: str = "norm"
+) -> tuple[Tensor, Tensor]:
     """The decomposition Dice = s·cos θ of thesis Eq. 2, per image.
+
+    ``scale="norm"`` (default) is ``s = 2|p||y| / (|p|² + |y|²)``, the scale for which Eq. 2 holds:
+    then ε = 0 is the Dice loss up to O(θ⁴) and PolyDice-K tends to the Dice loss as K grows.
+    ``scale="inner"`` is the thesis's printed ``s = 2<p,y> / (|p|² + |y|²)``, which is the Dice
+    coefficient itself (so Dice ≠ s·cos θ); kept only to compare the two readings.
 
     Args:
         probs: foreground probabilities ``(B, H, W)`` or ``(B, 1, H, W)``.
         target: ground-truth mask, same shape.
         smooth: added to numerator and denominator of s and cos θ so that empty masks stay finite:
             an empty mask with an empty prediction gives s = 1, θ = 0 (a perfect score).
+        scale: ``"norm"`` or ``"inner"``.
 
     Returns:
         ``(s, θ²)``, each ``(B,)``.
+
+    Raises:
+        ValueError: on mismatched shapes or an unknown ``scale``.
     """
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
     p, y = _flatten_pair(probs, target)
     inner = (p * y).sum(1)  # <p, y>
     pp = (p * p).sum(1)  # |p|²
     yy = (y * y).sum(1)  # |y|²
-    s = (2.0 * inner + smooth) / (pp + yy + smooth)
     # sqrt(|p|²|y|² + smooth²) instead of |p||y| keeps d/dp finite for an all-zero prediction.
-    cos = (inner + smooth) / torch.sqrt(pp * yy + smooth * smooth)
+    norms = torch.sqrt(pp * yy + smooth * smooth)  # ≈ |p||y|
+    if scale == "norm":
+        # Subtracting smooth makes |p||y| exactly 0 when either is empty, so s <= 1 always
+        # (2|p||y| <= |p|² + |y|²) and an empty mask with an empty prediction gives s = 1.
+        s = (2.0 * (norms - smooth) + smooth) / (pp + yy + smooth)
+    else:
+        s = (2.0 * inner + smooth) / (pp + yy + smooth)
+    cos = (inner + smooth) / norms
     return s, arccos_squared(cos)
 
 
 def polydice_loss(
-    probs: Tensor, target: Tensor, eps: float | Tensor = 0.0, order: int = 1, smooth: float = SMOOTH
+    probs: Tensor,
+    target: Tensor,
+    eps: float | Tensor = 0.0,
+    order: int = 1,
+    smooth: float = SMOOTH,
+    scale: str = "norm",
 ) -> Tensor:
     """PolyDice-K loss per image (thesis Eq. 5–6; Aizawa, Polynomial Dice Loss).
 
@@ -105,16 +131,18 @@ def polydice_loss(
         eps: shape parameter, a float or a per-image ``(B,)`` tensor (the adaptive method).
         order: truncation order K ≥ 1.
         smooth: smoothing constant, see :func:`scale_and_angle`.
+        scale: ``"norm"`` (default, the s of Eq. 2) or ``"inner"`` (the thesis's printed s, which
+            is the Dice coefficient); see :func:`scale_and_angle`.
 
     Returns:
         ``(B,)`` per-image losses.
 
     Raises:
-        ValueError: on mismatched shapes, an ε of the wrong shape, or ``order < 1``.
+        ValueError: on mismatched shapes, an ε of the wrong shape, ``order < 1`` or an unknown scale.
     """
     if int(order) != order or order < 1:
         raise ValueError(f"order must be an integer >= 1, got {order!r}")
-    s, theta2 = scale_and_angle(probs, target, smooth)
+    s, theta2 = scale_and_angle(probs, target, smooth, scale)
     eps_t = _per_image_eps(eps, s.shape[0], s)
     poly = (0.5 + eps_t) * theta2
     for k in range(2, int(order) + 1):
@@ -138,20 +166,30 @@ def dice_loss(probs: Tensor, target: Tensor, smooth: float = SMOOTH) -> Tensor:
     return 1.0 - (2.0 * (p * y).sum(1) + smooth) / ((p * p).sum(1) + (y * y).sum(1) + smooth)
 
 
-def pm_dice_loss(probs: Tensor, target: Tensor, gamma: float = 1.0, smooth: float = SMOOTH) -> Tensor:
-    """Pixel-wise modulated Dice loss per image (PM Dice paper, Eq. 5), foreground class.
+def pm_dice_loss(
+    probs: Tensor, target: Tensor, gamma: float = 1.0, smooth: float = SMOOTH, include_background: bool = True
+) -> Tensor:
+    """Pixel-wise modulated Dice loss per image (PM Dice paper, Eq. 5).
 
-    ``L = 1 − (2Σ m·p·y + smooth) / (Σ m·(p² + y²) + smooth)`` with ``m = |y − p̂|^γ`` and p̂ = p
-    detached: the modulating term is a per-pixel weight, no gradient flows through it. γ = 0 is
-    Dice. The paper averages over classes; the foreground term alone is used here so that PM Dice is
-    compared with the foreground Dice of Eq. 1 on equal terms.
+    Per class c: ``L_c = 1 − (2Σ m·p·y + smooth) / (Σ m·(p² + y²) + smooth)`` with
+    ``m = |y − p̂|^γ`` and p̂ = p detached: the modulating term is a per-pixel weight, no gradient
+    flows through it. γ = 0 is Dice. As in the paper's Eq. 5 the loss averages the background
+    (1 − p, 1 − y) and foreground terms; ``include_background=False`` keeps the foreground term
+    alone (comparable with the foreground Dice of Eq. 1).
 
     Returns:
         ``(B,)``.
     """
     p, y = _flatten_pair(probs, target)
-    m = (y - p.detach()).abs() ** gamma
-    return 1.0 - (2.0 * (m * p * y).sum(1) + smooth) / ((m * (p * p + y * y)).sum(1) + smooth)
+
+    def term(p: Tensor, y: Tensor) -> Tensor:
+        m = (y - p.detach()).abs() ** gamma
+        return 1.0 - (2.0 * (m * p * y).sum(1) + smooth) / ((m * (p * p + y * y)).sum(1) + smooth)
+
+    foreground = term(p, y)
+    if not include_background:
+        return foreground
+    return 0.5 * (foreground + term(1.0 - p, 1.0 - y))
 
 
 def dsc_pp_loss(probs: Tensor, target: Tensor, gamma: float = 2.0, smooth: float = SMOOTH) -> Tensor:
@@ -230,15 +268,17 @@ class PolyDiceLoss(SegmentationLoss):
 
     uses_eps = True
 
-    def __init__(self, eps: float = 0.0, order: int = 1, smooth: float = SMOOTH):
+    def __init__(self, eps: float = 0.0, order: int = 1, smooth: float = SMOOTH, scale: str = "norm"):
         super().__init__()
         if int(order) != order or order < 1:
             raise ValueError(f"order must be an integer >= 1, got {order!r}")
-        self.eps, self.order, self.smooth = eps, int(order), smooth
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
+        self.eps, self.order, self.smooth, self.scale = eps, int(order), smooth, scale
 
     def forward(self, logits, target, eps=None):
         return polydice_loss(
-            foreground_probs(logits), target, self.eps if eps is None else eps, self.order, self.smooth
+            foreground_probs(logits), target, self.eps if eps is None else eps, self.order, self.smooth, self.scale
         )
 
 
@@ -270,12 +310,12 @@ class CEDiceLoss(SegmentationLoss):
 
 
 class PMDiceLoss(SegmentationLoss):
-    def __init__(self, gamma: float = 1.0, smooth: float = SMOOTH):
+    def __init__(self, gamma: float = 1.0, smooth: float = SMOOTH, include_background: bool = True):
         super().__init__()
-        self.gamma, self.smooth = gamma, smooth
+        self.gamma, self.smooth, self.include_background = gamma, smooth, include_background
 
     def forward(self, logits, target, eps=None):
-        return pm_dice_loss(foreground_probs(logits), target, self.gamma, self.smooth)
+        return pm_dice_loss(foreground_probs(logits), target, self.gamma, self.smooth, self.include_background)
 
 
 class DSCPlusPlusLoss(SegmentationLoss):

@@ -19,7 +19,9 @@ leaves 62 % of the decoder's FLOPs to run T times.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 import torch
@@ -279,3 +281,84 @@ def refresh_flops(base_channels: int = 64, image_size: int = 224, mc_samples: in
     """
     f = forward_flops(base_channels, image_size, in_channels)
     return f["encoder"] + f["decoder_skip"] + mc_samples * (f["decoder"] - f["decoder_skip"])
+
+
+# ----------------------------------------------------------------------------- model files
+
+MODEL_FILE_FORMAT = "polydice-model"
+MODEL_FILE_VERSION = 1
+
+
+class ModelFileError(ValueError):
+    """A model file that is missing, unreadable, of another format or of another architecture."""
+
+
+def save_model_file(
+    path,
+    model_state: dict[str, Tensor],
+    config: dict,
+    *,
+    epoch: int,
+    val_dice: float,
+    threshold: float = 0.5,
+) -> None:
+    """Write a ``model.pt``: the selected weights and what is needed to rebuild and use them.
+
+    Tensors and plain Python values only, so that it loads with ``torch.load(weights_only=True)``.
+    Written to a temporary file first and renamed, so that a crash never leaves half a file.
+
+    Args:
+        path: the file to write.
+        model_state: the U-Net's ``state_dict`` (moved to the CPU here).
+        config: the run's ``TrainConfig.to_dict()`` (``base_channels``, ``dropout`` rebuild the
+            model; ``image_size`` is the input size it was trained at).
+        epoch: the epoch the weights come from (the best validation epoch).
+        val_dice: the validation Dice of those weights.
+        threshold: the probability threshold that maximised validation Dice.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": MODEL_FILE_FORMAT,
+        "version": MODEL_FILE_VERSION,
+        "config": dict(config),
+        "model": {k: v.detach().cpu().clone() for k, v in model_state.items()},
+        "epoch": int(epoch),
+        "val_dice": float(val_dice),
+        "threshold": float(threshold),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_model_file(path, map_location: str | torch.device = "cpu") -> tuple["UNet", dict]:
+    """Rebuild the U-Net of a ``model.pt`` in eval mode.
+
+    Returns:
+        ``(model, info)``: ``info`` holds ``config``, ``epoch``, ``val_dice``, ``threshold``.
+
+    Raises:
+        ModelFileError: the file is missing or unreadable, is not a polydice model file, or its
+            weights do not fit the architecture its config describes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated, corrupt, or not a torch file at all
+        raise ModelFileError(f"{path}: not a readable model file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FILE_FORMAT:
+        raise ModelFileError(f"{path}: not a polydice model file (no format {MODEL_FILE_FORMAT!r})")
+    if payload.get("version") != MODEL_FILE_VERSION:
+        raise ModelFileError(f"{path}: model file version {payload.get('version')!r}, expected {MODEL_FILE_VERSION}")
+    config = payload.get("config") or {}
+    try:
+        model = UNet(3, 2, int(config["base_channels"]), float(config["dropout"]))
+        model.load_state_dict(payload["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(f"{path}: weights do not fit the U-Net its config describes ({exc})") from exc
+    model.eval()
+    info = {key: payload[key] for key in ("config", "epoch", "val_dice", "threshold")}
+    return model, info

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .config import DATASETS, METHODS, TrainConfig
+from .config import DATASETS, METHODS, SCALES, TrainConfig
 from .data import DataError, SegmentationData, build_augmentation, load_dataset, make_folds, make_loader
 from .losses import build_loss, foreground_probs
 from .metrics import all_metrics, hardest_quartile_mean, segmentation_metrics
@@ -100,8 +100,10 @@ def build_model(cfg: TrainConfig) -> UNet:
 
 def build_method_loss(cfg: TrainConfig) -> nn.Module:
     if cfg.method in ("adaptive", "polydice"):
-        return build_loss("polydice", eps=cfg.eps if cfg.method == "polydice" else 0.0, order=cfg.order)
-    kwargs = {"focal": {"gamma": cfg.focal_gamma}, "pm_dice": {"gamma": cfg.pm_gamma}, "dsc_pp": {"gamma": cfg.dscpp_gamma}}
+        return build_loss("polydice", eps=cfg.eps if cfg.method == "polydice" else 0.0, order=cfg.order,
+                          scale=cfg.polydice_scale)
+    kwargs = {"focal": {"gamma": cfg.focal_gamma}, "dsc_pp": {"gamma": cfg.dscpp_gamma},
+              "pm_dice": {"gamma": cfg.pm_gamma, "include_background": cfg.pm_include_background}}
     return build_loss(cfg.method, **kwargs.get(cfg.method, {}))
 
 
@@ -543,6 +545,7 @@ _CLI_FIELDS = {
     "--method": ("method", str),
     "--eps": ("eps", float),
     "--order": ("order", int),
+    "--polydice-scale": ("polydice_scale", str),
     "--fold": ("fold", int),
     "--folds": ("folds", int),
     "--epochs": ("epochs", int),
@@ -580,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
             extra["choices"] = DATASETS
         if name == "method":
             extra["choices"] = METHODS
+        if name == "polydice_scale":
+            extra["choices"] = SCALES
         p.add_argument(flag, dest=name, type=kind, default=getattr(defaults, name), **extra,
                        help=f"(default: {getattr(defaults, name)})")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="disable flips and brightness/contrast")

@@ -52,18 +52,19 @@ def t64(a) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def np_scale_theta(p: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """s and θ of thesis Eq. 2 for one image."""
+def np_scale_theta(p: np.ndarray, y: np.ndarray, scale: str = "norm") -> tuple[float, float]:
+    """s and θ of thesis Eq. 2 for one image (``scale="inner"``: the thesis's printed s)."""
     p, y = p.ravel().astype(np.float64), y.ravel().astype(np.float64)
     inner = float(p @ y)
-    s = 2.0 * inner / (p @ p + y @ y)
+    top = np.linalg.norm(p) * np.linalg.norm(y) if scale == "norm" else inner
+    s = 2.0 * top / (p @ p + y @ y)
     cos = inner / (np.linalg.norm(p) * np.linalg.norm(y))
     return s, float(np.arccos(np.clip(cos, -1.0, 1.0)))
 
 
-def np_polydice(p: np.ndarray, y: np.ndarray, eps: float, order: int = 1) -> float:
+def np_polydice(p: np.ndarray, y: np.ndarray, eps: float, order: int = 1, scale: str = "norm") -> float:
     """Eq. 5 truncated at ``order`` terms, ε added to α_1 = 1/2 (Eq. 6 for order 1)."""
-    s, theta = np_scale_theta(p, y)
+    s, theta = np_scale_theta(p, y, scale)
     poly = 0.0
     for k in range(1, order + 1):
         alpha = (-1) ** (k - 1) / math.factorial(2 * k)
@@ -79,11 +80,15 @@ def np_dice(p: np.ndarray, y: np.ndarray, smooth: float = 0.0) -> float:
     return 1.0 - (2.0 * p @ y + smooth) / (p @ p + y @ y + smooth)
 
 
-def np_pm_dice(p: np.ndarray, y: np.ndarray, gamma: float, smooth: float = 1e-6) -> float:
-    """PM Dice paper Eq. 5, foreground class, with m = |y − p|^γ."""
+def np_pm_dice(p: np.ndarray, y: np.ndarray, gamma: float, smooth: float = 1e-6, background: bool = True) -> float:
+    """PM Dice paper Eq. 5 with m = |y − p|^γ: background and foreground averaged, or foreground only."""
     p, y = p.ravel().astype(np.float64), y.ravel().astype(np.float64)
-    m = np.abs(y - p) ** gamma
-    return 1.0 - (2.0 * np.sum(m * p * y) + smooth) / (np.sum(m * (p * p + y * y)) + smooth)
+
+    def term(p, y):
+        m = np.abs(y - p) ** gamma
+        return 1.0 - (2.0 * np.sum(m * p * y) + smooth) / (np.sum(m * (p * p + y * y)) + smooth)
+
+    return 0.5 * (term(p, y) + term(1 - p, 1 - y)) if background else term(p, y)
 
 
 def np_dsc_pp(p: np.ndarray, y: np.ndarray, gamma: float, smooth: float = 1e-6) -> float:
@@ -104,34 +109,29 @@ def random_case(seed: int, batch: int = 3, size: int = 6, lo: float = 0.05, hi: 
     return p, y
 
 
-EQ2_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="DESIGN.md fixes s = 2<p,y>/(|p|²+|y|²), which is the Dice coefficient itself; thesis Eq. 2 "
-    "(Dice = s·cos θ) holds only for s = 2|p||y|/(|p|²+|y|²). Spec contradiction, reported.",
-)
-
 
 # ---------------------------------------------------------------------------------------------
 # PolyDice-1: hand-worked values of Eq. 6
 # ---------------------------------------------------------------------------------------------
 
-# (name, probs 2x2, target 2x2, s, θ) worked by hand, with s = 2<p,y>/(|p|² + |y|²) as DESIGN.md
-# fixes it for Eq. 6 (the thesis's wording; see test_polydice_high_order_converges_to_dice for why
-# Eq. 2 needs 2|p||y| in place of 2<p,y> — the two readings agree whenever θ = 0):
-#   half: <p,y> = 1.5, |p|² = 1.5, |y|² = 2  -> s = 3/3.5 = 6/7, cos θ = 1.5/√3 = √3/2, θ = π/6
-#   over: <p,y> = 1,   |p|² = 2,   |y|² = 1  -> s = 2/3, cos θ = 1/√2, θ = π/4
-#   under: <p,y> = 2,  |p|² = 2,   |y|² = 4  -> s = 2/3, cos θ = 2/√8 = 1/√2, θ = π/4
-#   scale: p = y/2:    <p,y> = 2,  |p|² = 1, |y|² = 4 -> s = 4/5, cos θ = 1, θ = 0
-#   disjoint: <p,y> = 0 -> s = 0, θ = π/2
-#   mixed: <p,y> = 1,  |p|² = 2,   |y|² = 3  -> s = 2/5, cos θ = 1/√6
+# (name, probs 2x2, target 2x2, s, θ) worked by hand with the scale of Eq. 2 (the default,
+# scale="norm"), s = 2|p||y|/(|p|² + |y|²); INNER_S holds the thesis's printed s = 2<p,y>/(|p|² + |y|²)
+# (scale="inner"). The two agree whenever θ = 0:
+#   half: <p,y> = 1.5, |p|² = 1.5, |y|² = 2  -> s = 2√3/3.5, inner 3/3.5; cos θ = 1.5/√3 = √3/2, θ = π/6
+#   over: <p,y> = 1,   |p|² = 2,   |y|² = 1  -> s = 2√2/3, inner 2/3; cos θ = 1/√2, θ = π/4
+#   under: <p,y> = 2,  |p|² = 2,   |y|² = 4  -> s = 2√8/6, inner 2/3; cos θ = 2/√8 = 1/√2, θ = π/4
+#   scale: p = y/2:    <p,y> = 2,  |p|² = 1, |y|² = 4 -> s = 4/5 (both), cos θ = 1, θ = 0
+#   disjoint: <p,y> = 0, |p|² = |y|² = 1 -> s = 1, inner 0; θ = π/2
+#   mixed: <p,y> = 1,  |p|² = 2,   |y|² = 3  -> s = 2√6/5, inner 2/5; cos θ = 1/√6
 HAND = [
-    ("half", [[1.0, 0.5], [0.5, 0.0]], [[1, 1], [0, 0]], 6 / 7, PI / 6),
-    ("over", [[1.0, 1.0], [0.0, 0.0]], [[1, 0], [0, 0]], 2 / 3, PI / 4),
-    ("under", [[1.0, 1.0], [0.0, 0.0]], [[1, 1], [1, 1]], 2 / 3, PI / 4),
+    ("half", [[1.0, 0.5], [0.5, 0.0]], [[1, 1], [0, 0]], 2 * math.sqrt(3) / 3.5, PI / 6),
+    ("over", [[1.0, 1.0], [0.0, 0.0]], [[1, 0], [0, 0]], 2 * math.sqrt(2) / 3, PI / 4),
+    ("under", [[1.0, 1.0], [0.0, 0.0]], [[1, 1], [1, 1]], 2 * math.sqrt(8) / 6, PI / 4),
     ("scale", [[0.5, 0.5], [0.5, 0.5]], [[1, 1], [1, 1]], 4 / 5, 0.0),
-    ("disjoint", [[0.0, 1.0], [0.0, 0.0]], [[1, 0], [0, 0]], 0.0, PI / 2),
-    ("mixed", [[1.0, 0.0], [0.0, 1.0]], [[1, 1], [1, 0]], 2 / 5, math.acos(1 / math.sqrt(6))),
+    ("disjoint", [[0.0, 1.0], [0.0, 0.0]], [[1, 0], [0, 0]], 1.0, PI / 2),
+    ("mixed", [[1.0, 0.0], [0.0, 1.0]], [[1, 1], [1, 0]], 2 * math.sqrt(6) / 5, math.acos(1 / math.sqrt(6))),
 ]
+INNER_S = {"half": 6 / 7, "over": 2 / 3, "under": 2 / 3, "scale": 4 / 5, "disjoint": 0.0, "mixed": 2 / 5}
 EPS_VALUES = [0.0, 0.3, -0.2, 1.0]
 
 
@@ -142,6 +142,10 @@ def test_polydice1_hand_values_exact(name, p, y, s, theta, eps):
     got = polydice_loss(t64([p]), t64([y]), eps, order=1, smooth=0.0)
     assert got.shape == (1,)
     np.testing.assert_allclose(got.numpy(), [expected], rtol=1e-10, atol=1e-12)
+    s_inner = INNER_S[name]
+    expected_inner = (1 - s_inner) + s_inner * (0.5 + eps) * theta**2
+    got_inner = polydice_loss(t64([p]), t64([y]), eps, order=1, smooth=0.0, scale="inner")
+    np.testing.assert_allclose(got_inner.numpy(), [expected_inner], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("eps", EPS_VALUES)
@@ -165,11 +169,12 @@ def test_polydice1_hand_values_batched_4d():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("eps", [0.0, 0.25, -0.3])
-def test_polydice1_matches_numpy_eq6_random(seed, eps):
+@pytest.mark.parametrize("scale", ["norm", "inner"])
+def test_polydice1_matches_numpy_eq6_random(seed, eps, scale):
     p, y = random_case(seed)
-    expected = [np_polydice(p[i].numpy(), y[i].numpy(), eps) for i in range(len(p))]
-    np.testing.assert_allclose(polydice_loss(p, y, eps, smooth=0.0).numpy(), expected, rtol=1e-10)
-    np.testing.assert_allclose(polydice_loss(p, y, eps).numpy(), expected, rtol=RTOL)
+    expected = [np_polydice(p[i].numpy(), y[i].numpy(), eps, scale=scale) for i in range(len(p))]
+    np.testing.assert_allclose(polydice_loss(p, y, eps, smooth=0.0, scale=scale).numpy(), expected, rtol=1e-10)
+    np.testing.assert_allclose(polydice_loss(p, y, eps, scale=scale).numpy(), expected, rtol=RTOL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,17 +199,24 @@ def test_polydice2_hand_values(name, p, y, s, theta):
     np.testing.assert_allclose(got.numpy(), [expected], rtol=1e-10)
 
 
-@EQ2_XFAIL
 def test_polydice_high_order_converges_to_dice():
     """Thesis Eq. 2–5: Dice loss = 1 − s·cos θ and Σ_k α_k θ^{2k} = 1 − cos θ, so at ε = 0 PolyDice-K
     tends to the Dice loss of Eq. 1 as K grows (K = 8: Taylor remainder < θ^18/18! ≈ 1e-16).
 
     This pins the decomposition itself: it holds only with the scale s = 2|p||y|/(|p|² + |y|²).
-    With s = 2<p,y>/(|p|² + |y|²) (itself the Dice coefficient) the limit is 1 − Dice·cos θ instead.
+    With s = 2<p,y>/(|p|² + |y|²) (itself the Dice coefficient, ``scale="inner"``) the limit is
+    1 − Dice·cos θ instead, which is not the Dice loss.
     """
     p, y = random_case(3)
     dice = np.array([np_dice(p[i].numpy(), y[i].numpy()) for i in range(len(p))])
     np.testing.assert_allclose(polydice_loss(p, y, 0.0, order=8, smooth=0.0).numpy(), dice, rtol=1e-10)
+    errors = [abs(polydice_loss(p, y, 0.0, order=k, smooth=0.0).numpy() - dice).max() for k in (1, 2, 3, 4)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-6
+
+    inner = polydice_loss(p, y, 0.0, order=8, smooth=0.0, scale="inner").numpy()
+    cos = np.array([np.cos(np_scale_theta(p[i].numpy(), y[i].numpy())[1]) for i in range(len(p))])
+    np.testing.assert_allclose(inner, 1 - (1 - dice) * cos, rtol=1e-10)
+    assert np.all(np.abs(inner - dice) > 1e-2)
 
 
 @pytest.mark.parametrize("order", [0, -1, 1.5])
@@ -263,8 +275,11 @@ def batch_with_empties():
 PROB_LOSSES = {
     "polydice1": lambda p, y, e: polydice_loss(p, y, e),
     "polydice2": lambda p, y, e: polydice_loss(p, y, e, order=2),
+    "polydice1_inner": lambda p, y, e: polydice_loss(p, y, e, scale="inner"),
+    "polydice2_inner": lambda p, y, e: polydice_loss(p, y, e, order=2, scale="inner"),
     "dice": lambda p, y, e: dice_loss(p, y),
     "pm_dice": lambda p, y, e: pm_dice_loss(p, y, 1.0),
+    "pm_dice_foreground": lambda p, y, e: pm_dice_loss(p, y, 1.0, include_background=False),
     "dsc_pp": lambda p, y, e: dsc_pp_loss(p, y, 2.0),
 }
 
@@ -340,6 +355,9 @@ def test_degenerate_inputs_finite_loss_and_gradient(loss_name, case, p, y, expec
     assert torch.isfinite(loss).all(), loss
     (grad,) = torch.autograd.grad(loss.sum(), p)
     assert torch.isfinite(grad).all(), grad
+    if loss_name == "pm_dice" and case == "empty_mask_nonempty_prediction":
+        # The background term (1 − p = 0.7 against 1 − y = 1, m = 0.3) is not a total miss.
+        expected = 0.5 * (expected + 1 - 2 * 0.3 * 0.7 / (0.3 * (0.49 + 1)))
     np.testing.assert_allclose(loss.detach().double().numpy(), [expected], atol=1e-5)
 
 
@@ -362,13 +380,32 @@ def test_modules_finite_gradient_on_saturated_logits(name):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("scale", ["norm", "inner"])
 @pytest.mark.parametrize("order", [1, 2])
 @pytest.mark.parametrize("eps", [0.0, 0.3, -0.2])
-def test_gradcheck_polydice(order, eps):
+def test_gradcheck_polydice(order, eps, scale):
+    """Autograd against finite differences, for both readings of s."""
     p, y = random_case(11, batch=2, size=4)
     eps_t = torch.full((2,), eps, dtype=torch.float64, requires_grad=True)
     p.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a, e: polydice_loss(a, y, e, order=order), (p, eps_t))
+    assert torch.autograd.gradcheck(lambda a, e: polydice_loss(a, y, e, order=order, scale=scale), (p, eps_t))
+
+
+@pytest.mark.parametrize("scale", ["norm", "inner"])
+def test_gradcheck_polydice_smoothed_near_empty_prediction(scale):
+    """|p| = 0 is where |p||y| has no derivative: the smoothed form must be differentiable there."""
+    y = torch.zeros(2, 4, 4, dtype=torch.float64)
+    y[:, :2] = 1.0
+    p = torch.full((2, 4, 4), 1e-4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: polydice_loss(a, y, 0.3, scale=scale), (p,))
+
+
+def test_unknown_scale_is_rejected():
+    p, y = random_case(0)
+    with pytest.raises(ValueError, match="scale"):
+        polydice_loss(p, y, 0.0, scale="dice")
+    with pytest.raises(ValueError, match="scale"):
+        build_loss("polydice", scale="dice")
 
 
 @pytest.mark.parametrize("order", [1, 2])
@@ -407,7 +444,7 @@ def test_pm_dice_gradient_treats_modulating_term_as_constant(gamma):
     """
     p, y = random_case(17, batch=1, size=4)
     p.requires_grad_(True)
-    (grad,) = torch.autograd.grad(pm_dice_loss(p, y, gamma).sum(), p)
+    (grad,) = torch.autograd.grad(pm_dice_loss(p, y, gamma, include_background=False).sum(), p)
 
     p0, y0 = p.detach().numpy()[0], y.numpy()[0]
     m = np.abs(y0 - p0) ** gamma
@@ -425,7 +462,7 @@ def test_pm_dice_gradient_treats_modulating_term_as_constant(gamma):
     np.testing.assert_allclose(grad.numpy()[0], numeric, rtol=1e-6, atol=1e-8)
 
     with pytest.raises(RuntimeError, match="Jacobian mismatch"):
-        torch.autograd.gradcheck(lambda a: pm_dice_loss(a, y, gamma), (p,))
+        torch.autograd.gradcheck(lambda a: pm_dice_loss(a, y, gamma, include_background=False), (p,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,7 +470,6 @@ def test_pm_dice_gradient_treats_modulating_term_as_constant(gamma):
 # ---------------------------------------------------------------------------------------------
 
 
-@EQ2_XFAIL
 def test_polydice1_eps0_close_to_dice_only_for_small_theta():
     """Eq. 6 at ε = 0 is the Taylor truncation of Dice = 1 − s·cos θ (Eq. 2–4): 1 − cos θ is replaced
     by θ²/2, so the gap to the Dice loss is s(θ²/2 − 1 + cos θ) ≈ sθ⁴/24 with the scale of Eq. 2,
@@ -553,15 +589,19 @@ def test_dsc_pp_matches_numpy_eq9(gamma):
 
 
 def test_pm_dice_gamma0_equals_dice():
+    """γ = 0: the foreground term is the Dice loss; the default averages it with the background's."""
     p, y = random_case(4, batch=3, lo=0.0, hi=1.0)
-    torch.testing.assert_close(pm_dice_loss(p, y, gamma=0.0), dice_loss(p, y))
+    torch.testing.assert_close(pm_dice_loss(p, y, gamma=0.0, include_background=False), dice_loss(p, y))
+    torch.testing.assert_close(pm_dice_loss(p, y, gamma=0.0), 0.5 * (dice_loss(p, y) + dice_loss(1 - p, 1 - y)))
 
 
+@pytest.mark.parametrize("background", [True, False])
 @pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0])
-def test_pm_dice_matches_numpy_eq5(gamma):
+def test_pm_dice_matches_numpy_eq5(gamma, background):
     p, y = random_case(5, batch=3, lo=0.0, hi=1.0)
-    expected = [np_pm_dice(p[i].numpy(), y[i].numpy(), gamma) for i in range(3)]
-    np.testing.assert_allclose(pm_dice_loss(p, y, gamma).numpy(), expected, rtol=RTOL)
+    expected = [np_pm_dice(p[i].numpy(), y[i].numpy(), gamma, background=background) for i in range(3)]
+    got = pm_dice_loss(p, y, gamma, include_background=background)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=RTOL)
 
 
 def test_pm_dice_hand_value():
@@ -569,7 +609,14 @@ def test_pm_dice_hand_value():
     # num = 2·(0.5·0.5·1) = 0.5, den = 0.5·(0.25 + 1) + 0.5·0.25 = 0.75 -> L = 1 − 2/3
     p = t64([[[0.5, 1.0], [0.0, 0.5]]])
     y = t64([[[1.0, 1.0], [0.0, 0.0]]])
+    np.testing.assert_allclose(pm_dice_loss(p, y, 1.0, smooth=0.0, include_background=False).numpy(), [1 / 3],
+                               rtol=1e-12)
+    # Background: 1 − p = [0.5, 0, 1, 0.5], 1 − y = [0, 0, 1, 1], m = [0.5, 0, 0, 0.5]:
+    # num = 2·(0.5·0.5·1) = 0.5, den = 0.5·0.25 + 0.5·(0.25 + 1) = 0.75 -> also 1/3; the mean is 1/3.
     np.testing.assert_allclose(pm_dice_loss(p, y, 1.0, smooth=0.0).numpy(), [1 / 3], rtol=1e-12)
+    # An empty mask predicted empty is perfect in both classes.
+    zero = torch.zeros_like(p)
+    np.testing.assert_allclose(pm_dice_loss(zero, zero, 1.0).numpy(), [0.0], atol=1e-6)
 
 
 def _logits_and_target(seed: int, batch: int = 3, size: int = 5):
