@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from polydice.config import TrainConfig
-from polydice.data import SegmentationData, load_dataset, make_folds, make_synthetic
+from polydice.data import SegmentationData, load_dataset, make_folds
+from polydice.synthetic import make_synthetic
 from polydice.train import _Hardware
 
 from .cases import Workload, epoch_vs_bare_loop, loader_vs_tensors, refresh_vs_naive

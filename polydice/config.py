@@ -8,7 +8,7 @@ Defaults are the thesis settings (Sec. 4.1.2).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 METHODS = ("adaptive", "polydice", "dice", "focal", "ce_dice", "pm_dice", "dsc_pp")
 DATASETS = ("synthetic", "kvasir", "cvc")
@@ -16,90 +16,93 @@ DATASETS = ("synthetic", "kvasir", "cvc")
 SCALES = ("norm", "inner")
 
 
+def _field(default, help: str, choices: tuple[str, ...] | None = None):
+    """A config field with its command-line help (``python -m polydice.train --help``)."""
+    metadata = {"help": help} if choices is None else {"help": help, "choices": choices}
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Settings of one run: one method on one fold.
 
-    Data:
-        dataset, data_dir, image_size, n_synthetic (images of the synthetic set), fold, folds,
-        val_fraction (inner validation split taken by group from the fold's training part),
-        sequence_csv (CVC ``frame,sequence`` overrides), split_seed (folds and the synthetic set
-        are seeded by it, not by ``seed``, so every method and trial sees the same splits), augment.
-    Method:
-        method (one of ``METHODS``; ``adaptive`` is PolyDice-1 with per-image ε), eps (fixed ε of
-        ``polydice``), order (PolyDice-K), polydice_scale (``"norm"``: the s of thesis Eq. 2, the
-        default; ``"inner"``: the thesis's printed s, an ablation), focal_gamma, pm_gamma,
-        dscpp_gamma, pm_include_background (PM Dice averages background and foreground as its
-        Eq. 5; ``False``: foreground only).
-    Controller (Algorithm 1):
-        e0, tau, mc_samples (T), q, k, eps_min, eps_max, delta.
-    Optimisation:
-        epochs, batch_size, lr, weight_decay, base_channels, dropout, seed, select_best (test the
-        weights of the epoch with the best validation Dice rather than the last epoch's).
-    Hardware:
-        device (``auto`` picks CUDA when present), amp and channels_last (used on CUDA only),
-        compile (``torch.compile`` the model), num_workers (loader processes), mc_memory_gb
-        (memory budget of the batched MC decoder).
-    Evaluation and logging:
-        nsd_tolerance (pixels), tag (label of the run in reports, e.g. ``adaptive-tuned``), log_maps (uncertainty maps written per refresh), log_every
-        (steps between synchronising loss scalars), tensorboard.
-    Debugging:
-        max_batches (at most this many batches per training epoch and per validation pass; 0:
-        all. For smoke runs and benchmarks; ε refreshes and the test see every image).
+    Every field carries its meaning as ``help`` metadata (and ``choices`` where its values are a
+    fixed set); the training command line is generated from them, one flag per field. The groups:
+
+    - Data: where the images come from, the fold, the inner validation split, augmentation.
+    - Method: the loss and its parameters.
+    - Controller: the per-image ε of Algorithm 1 (adaptive method only).
+    - Optimisation: Adam, the U-Net's width and dropout, the seed, model selection.
+    - Hardware: device, mixed precision, loader processes, MC memory budget.
+    - Evaluation and logging; Debugging (``max_batches`` for smoke runs).
     """
 
-    dataset: str = "synthetic"
-    data_dir: str | None = None
-    image_size: int = 224
-    n_synthetic: int = 160
-    fold: int = 0
-    folds: int = 5
-    val_fraction: float = 0.2
-    sequence_csv: str | None = None
-    split_seed: int = 0
-    augment: bool = True
+    # Data
+    dataset: str = _field("synthetic", "dataset; synthetic is generated in memory and needs no files",
+                          choices=DATASETS)
+    data_dir: str | None = _field(None, "folder of the kvasir or cvc images")
+    image_size: int = _field(224, "side in pixels every image is resized to (a multiple of 16)")
+    n_synthetic: int = _field(160, "images of the synthetic set")
+    fold: int = _field(0, "the cross-validation fold that is the test part (0-based)")
+    folds: int = _field(5, "number of cross-validation folds")
+    val_fraction: float = _field(0.2, "inner validation split taken (by group) from the fold's training part")
+    sequence_csv: str | None = _field(None, "CVC-ClinicDB frame,sequence CSV overriding the 29 official sequences")
+    split_seed: int = _field(0, "seeds the folds and the synthetic set (not seed), so that every method and "
+                                "trial sees the same splits")
+    augment: bool = _field(True, "flips and brightness/contrast, each p = 0.5")
 
-    method: str = "adaptive"
-    eps: float = 0.0
-    order: int = 1
-    polydice_scale: str = "norm"
-    focal_gamma: float = 2.0
-    pm_gamma: float = 1.0
-    dscpp_gamma: float = 2.0
-    pm_include_background: bool = True
+    # Method
+    method: str = _field("adaptive", "loss; adaptive is PolyDice-1 with per-image ε, polydice uses the fixed --eps",
+                         choices=METHODS)
+    eps: float = _field(0.0, "fixed ε of the polydice method")
+    order: int = _field(1, "PolyDice order K")
+    polydice_scale: str = _field("norm", "PolyDice scale s: norm is the s of thesis Eq. 2; inner is the thesis's "
+                                         "printed s (an ablation)", choices=SCALES)
+    focal_gamma: float = _field(2.0, "γ of the focal loss")
+    pm_gamma: float = _field(1.0, "γ of PM Dice")
+    dscpp_gamma: float = _field(2.0, "γ of DSC++")
+    pm_include_background: bool = _field(True, "PM Dice averages background and foreground (its Eq. 5); "
+                                               "off: foreground only")
 
-    e0: int = 10
-    tau: int = 10
-    mc_samples: int = 10
-    q: float = 25.0
-    k: float = 2.0
-    eps_min: float = 0.0
-    eps_max: float = 0.5
-    delta: float = 1e-8
+    # Controller (Algorithm 1)
+    e0: int = _field(10, "E0: first ε refresh epoch (1-based; 0 acts as 1)")
+    tau: int = _field(10, "τ: epochs between ε refreshes")
+    mc_samples: int = _field(10, "T: MC-Dropout samples per refresh")
+    q: float = _field(25.0, "percentile D_q of the difficulty normalisation (Eq. 12)")
+    k: float = _field(2.0, "slope k of the sigmoid control (Eq. 13)")
+    eps_min: float = _field(0.0, "lower end of ε")
+    eps_max: float = _field(0.5, "upper end of ε")
+    delta: float = _field(1e-8, "δ of the difficulty normalisation (Eq. 12)")
 
-    epochs: int = 200
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    base_channels: int = 64
-    dropout: float = 0.5
-    seed: int = 0
-    select_best: bool = True
+    # Optimisation
+    epochs: int = _field(200, "training epochs")
+    batch_size: int = _field(32, "images per batch")
+    lr: float = _field(1e-3, "Adam learning rate")
+    weight_decay: float = _field(0.0, "Adam weight decay")
+    base_channels: int = _field(64, "U-Net width c (64 in the thesis; 8-16 for CPU runs)")
+    dropout: float = _field(0.5, "dropout rate p after down4 and after up4")
+    seed: int = _field(0, "seeds the initial weights, the batches, augmentation and MC-Dropout")
+    select_best: bool = _field(True, "test and keep the weights of the epoch with the best validation Dice; "
+                                     "off: the last epoch's")
 
-    device: str = "auto"
-    amp: bool = True
-    channels_last: bool = True
-    compile: bool = False
-    num_workers: int = 0
-    mc_memory_gb: float = 2.0
+    # Hardware
+    device: str = _field("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    amp: bool = _field(True, "mixed precision (bf16, else fp16) on CUDA")
+    channels_last: bool = _field(True, "channels-last tensors on CUDA")
+    compile: bool = _field(False, "torch.compile the model")
+    num_workers: int = _field(0, "data loader processes")
+    mc_memory_gb: float = _field(2.0, "memory budget of the batched MC-Dropout decoder, GiB")
 
-    nsd_tolerance: float = 2.0
-    tag: str = ""
-    log_maps: int = 4
-    log_every: int = 20
-    tensorboard: bool = True
+    # Evaluation and logging
+    nsd_tolerance: float = _field(2.0, "tolerance of the normalised surface Dice, pixels")
+    tag: str = _field("", "label of the run in reports, e.g. adaptive-tuned")
+    log_maps: int = _field(4, "images whose uncertainty maps go to TensorBoard at each refresh")
+    log_every: int = _field(20, "training steps between checks of the loss on the host")
+    tensorboard: bool = _field(True, "write TensorBoard events")
 
-    max_batches: int = 0
+    # Debugging
+    max_batches: int = _field(0, "at most this many batches per training epoch and per validation (0: all), "
+                                 "for smoke runs; ε refreshes and the test see every image")
 
     def __post_init__(self) -> None:
         errors = []

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from sklearn.model_selection import KFold
 
-from polydice import data
+from polydice import config, data, synthetic
+from polydice.config import DATASETS
 from polydice.data import (
-    DATASETS,
     DataError,
     SegmentationData,
     SegmentationDataset,
@@ -23,8 +23,8 @@ from polydice.data import (
     load_dataset,
     make_folds,
     make_loader,
-    make_synthetic,
 )
+from polydice.synthetic import make_synthetic
 
 KVASIR_DIR = Path(
     os.environ.get("POLYDICE_KVASIR_DIR", Path(__file__).resolve().parents[2] / "shared/data/kvasir-seg")
@@ -436,6 +436,15 @@ def test_synthetic_spread_of_difficulty():
     # Reddish-pink: red dominates green and blue on average.
     means = ds.images.reshape(-1, 3).mean(axis=0)
     assert means[0] > means[1] and means[0] > means[2]
+
+
+def test_synthetic_generator_lives_in_its_own_module():
+    """The generator is polydice.synthetic's alone; data.py loads it by name and keeps no copy of
+    it, nor of the dataset names."""
+    assert make_synthetic.__module__ == "polydice.synthetic"
+    assert not hasattr(data, "make_synthetic") and not hasattr(data, "_render_synthetic")
+    assert data.DATASETS is config.DATASETS
+    assert synthetic.make_synthetic(3, 16, seed=0).name == "synthetic"
 
 
 def test_synthetic_at_other_sizes():
