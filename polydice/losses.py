@@ -10,10 +10,14 @@ need the logits for numerical stability (Focal, CE + Dice) take ``logits`` of sh
 
 The ``nn.Module`` wrappers all share one signature, ``forward(logits, target, eps=None) -> (B,)``,
 so that the training loop can treat every method alike; ``build_loss(name)`` picks one by name.
+:class:`PolyDiceLoss` is also the library's general loss for other training loops: sigmoid or
+softmax logits with any number of classes, ``include_background`` and ``reduction`` as in MONAI's
+losses; the registry binds it to the training loop's per-image foreground form.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -263,23 +267,122 @@ def foreground_probs(logits: Tensor) -> Tensor:
     return torch.softmax(logits.float(), dim=1)[:, 1]
 
 
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _float_logits(logits: Tensor) -> Tensor:
+    """float32 for half-precision logits (losses stay accurate under autocast); float64 is kept."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def _class_probs_and_targets(logits: Tensor, target: Tensor, include_background: bool) -> tuple[Tensor, Tensor]:
+    """Per-class probabilities and binary targets ``(B, C', H, W)`` of :class:`PolyDiceLoss`.
+
+    C ≥ 2: softmax over the channels, class-index targets compared with each class (no host
+    synchronisation: an out-of-range index matches no class), channel 0 dropped unless
+    ``include_background``. C = 1: sigmoid, the target taken as the (possibly soft) foreground.
+    """
+    if logits.dim() != 4:
+        raise ValueError(f"logits must be (B, C, H, W), got shape {tuple(logits.shape)}")
+    b, c, h, w = logits.shape
+    if target.dim() == 3:
+        target = target[:, None]
+    if target.dim() != 4 or target.shape[0] != b or target.shape[2:] != logits.shape[2:] or target.shape[1] not in (1, c):
+        raise ValueError(
+            f"target must be (B, H, W), (B, 1, H, W) or (B, C, H, W) for logits {tuple(logits.shape)}, "
+            f"got shape {tuple(target.shape)}"
+        )
+    logits = _float_logits(logits)
+    if c == 1:
+        return torch.sigmoid(logits), target.to(logits.dtype)
+    probs = torch.softmax(logits, dim=1)  # B, C, H, W
+    if target.shape[1] == 1:
+        classes = torch.arange(c, device=target.device).view(1, c, 1, 1)
+        target = target.long() == classes  # B, C, H, W one-hot
+    target = target.to(probs.dtype)
+    if not include_background:
+        probs, target = probs[:, 1:], target[:, 1:]
+    return probs, target
+
+
 class PolyDiceLoss(SegmentationLoss):
-    """PolyDice-K; ``eps`` in ``forward`` (per image) overrides the fixed ``eps`` bound here."""
+    """PolyDice-K over logits, per class and per image (thesis Eq. 5–6; Aizawa, Polynomial Dice Loss).
+
+    For every image and class c: :func:`polydice_loss` of the class probability against the
+    class's binary target, ``L = (1 − s) + s · Σ_k α_k θ^{2k}`` with ``α_1 = ½ + ε``. With C ≥ 2
+    channels the probabilities are the softmax over C; with one channel, the sigmoid (the channel
+    is then the foreground and always counted). As in MONAI's ``DiceLoss``, ``include_background``
+    decides whether channel 0 is one of the classes, and the per-class terms are averaged.
+
+    Shape:
+        - logits: ``(B, C, H, W)``.
+        - target: ``(B, H, W)`` or ``(B, 1, H, W)`` class indices (a binary mask for C = 1 or 2),
+          or ``(B, C, H, W)`` one-hot.
+        - eps: a float or ``(B,)``, the same ε for every class of an image.
+        - output: ``reduction="mean"``: a scalar, the mean over images and classes (MONAI's mean);
+          ``"sum"``: a scalar, the sum over images of each image's class mean; ``"none"``:
+          ``(B,)``, each image's loss averaged over its classes (the adaptive method's
+          per-image loss). MONAI's ``"sum"`` also sums over classes; this one does not, so that
+          every reduction reduces the same ``(B,)`` vector.
+
+    Args:
+        order: truncation order K ≥ 1; with ε = 0 the loss tends to the Dice loss as K grows.
+        scale: ``"norm"`` (the s of Eq. 2, default) or ``"inner"``; see :func:`scale_and_angle`.
+        include_background: count channel 0 as a class (C ≥ 2 only).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        eps: the ε used when ``forward`` gets none (default 0).
+        smooth: smoothing constant, see :func:`scale_and_angle`.
+
+    Raises:
+        ValueError: for ``order < 1``, an unknown ``scale`` or ``reduction``; in ``forward``, for
+            logits that are not 4-D, a target of another shape, or an ε of the wrong shape.
+
+    The training loop's ``build_loss("polydice")`` binds ``include_background=False`` and
+    ``reduction="none"``: on the U-Net's two-class logits that is the per-image foreground loss.
+    """
 
     uses_eps = True
 
-    def __init__(self, eps: float = 0.0, order: int = 1, smooth: float = SMOOTH, scale: str = "norm"):
+    def __init__(
+        self,
+        order: int = 1,
+        scale: str = "norm",
+        include_background: bool = True,
+        reduction: str = "mean",
+        *,
+        eps: float = 0.0,
+        smooth: float = SMOOTH,
+    ):
         super().__init__()
         if int(order) != order or order < 1:
             raise ValueError(f"order must be an integer >= 1, got {order!r}")
         if scale not in SCALES:
             raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
-        self.eps, self.order, self.smooth, self.scale = eps, int(order), smooth, scale
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+        self.order, self.scale, self.include_background, self.reduction = int(order), scale, include_background, reduction
+        self.eps, self.smooth = eps, smooth
 
-    def forward(self, logits, target, eps=None):
-        return polydice_loss(
-            foreground_probs(logits), target, self.eps if eps is None else eps, self.order, self.smooth, self.scale
-        )
+    def forward(self, logits: Tensor, target: Tensor, eps: float | Tensor | None = None) -> Tensor:
+        probs, target = _class_probs_and_targets(logits, target, self.include_background)
+        b, c, h, w = probs.shape
+        eps_t = _per_image_eps(self.eps if eps is None else eps, b, probs)
+        per_class = polydice_loss(
+            probs.reshape(b * c, h, w),
+            target.reshape(b * c, h, w),
+            eps_t.repeat_interleave(c),
+            self.order,
+            self.smooth,
+            self.scale,
+        ).view(b, c)
+        per_image = per_class.mean(1)  # B
+        if self.reduction == "none":
+            return per_image
+        return per_image.mean() if self.reduction == "mean" else per_image.sum()
+
+    def extra_repr(self) -> str:
+        return (f"order={self.order}, scale={self.scale!r}, include_background={self.include_background}, "
+                f"reduction={self.reduction!r}, eps={self.eps}")
 
 
 class DiceLoss(SegmentationLoss):
@@ -328,7 +431,8 @@ class DSCPlusPlusLoss(SegmentationLoss):
 
 
 LOSSES: dict[str, Callable[..., SegmentationLoss]] = {
-    "polydice": PolyDiceLoss,
+    # The training loop's interface: per-image foreground losses on the two-class logits.
+    "polydice": functools.partial(PolyDiceLoss, include_background=False, reduction="none"),
     "dice": DiceLoss,
     "focal": FocalLoss,
     "ce_dice": CEDiceLoss,

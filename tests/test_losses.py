@@ -18,6 +18,7 @@ from monai.losses import FocalLoss as MonaiFocalLoss
 
 from polydice.losses import (
     LOSSES,
+    PolyDiceLoss,
     arccos_squared,
     build_loss,
     ce_dice_loss,
@@ -750,3 +751,107 @@ def test_logit_losses_shape_errors(fn):
     assert "(2, 2, 4, 4)" in str(info.value) and "(2, 4, 5)" in str(info.value)
     with pytest.raises(ValueError, match=r"\(2, 3, 4, 4\)"):
         fn(torch.randn(2, 3, 4, 4), torch.zeros(2, 4, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# PolyDiceLoss as a library loss: sigmoid / softmax logits, classes, reductions
+# ---------------------------------------------------------------------------------------------
+
+TINY = 1e-10  # smoothing small enough that PolyDice-K and MONAI's Dice meet in the limit
+
+
+def _multiclass_case(seed: int, batch: int = 3, classes: int = 3, size: int = 6):
+    """float64 logits and class indices in which every class occurs in every image."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, classes, size, size, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, classes, (batch, 1, size, size), generator=g)
+    y[:, 0, 0, :classes] = torch.arange(classes)
+    return logits, y
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_polydice_loss_high_order_matches_monai_dice_sigmoid(reduction):
+    """PolyDice-K at ε = 0, scale "norm", K → ∞ is 1 − s·cos θ = the Dice loss (thesis Eq. 2–5)."""
+    logits, y = _multiclass_case(30, classes=1)
+    y = (torch.rand(y.shape, generator=torch.Generator().manual_seed(1)) > 0.5).double()
+    y[:, 0, 0, 0] = 1.0
+    ours = PolyDiceLoss(order=12, reduction=reduction, smooth=TINY)(logits, y)
+    monai = MonaiDiceLoss(sigmoid=True, squared_pred=True, smooth_nr=TINY, smooth_dr=TINY, reduction=reduction)
+    expected = monai(logits, y)
+    torch.testing.assert_close(ours, expected.reshape(ours.shape), rtol=RTOL, atol=1e-8)
+
+
+@pytest.mark.parametrize("onehot_target", [False, True])
+@pytest.mark.parametrize("include_background", [True, False])
+def test_polydice_loss_high_order_matches_monai_dice_softmax_three_classes(include_background, onehot_target):
+    logits, y = _multiclass_case(31, classes=3)
+    monai = MonaiDiceLoss(softmax=True, to_onehot_y=True, squared_pred=True, include_background=include_background,
+                          smooth_nr=TINY, smooth_dr=TINY, reduction="mean")
+    expected = monai(logits, y)
+    target = F.one_hot(y[:, 0], 3).permute(0, 3, 1, 2) if onehot_target else y  # B, C, H, W or B, 1, H, W
+    loss = PolyDiceLoss(order=12, include_background=include_background, smooth=TINY)
+    torch.testing.assert_close(loss(logits, target), expected, rtol=RTOL, atol=1e-8)
+    # K = 1 is only a Taylor truncation of it: close, not equal.
+    first = PolyDiceLoss(order=1, include_background=include_background, smooth=TINY)(logits, target)
+    assert abs(float(first - expected)) > 1e-4
+
+
+def test_polydice_loss_reductions_reduce_the_per_image_vector():
+    logits, y = _multiclass_case(32, batch=4, classes=3)
+    eps = torch.tensor([0.0, 0.1, 0.3, -0.2], dtype=torch.float64)
+    per_image = PolyDiceLoss(reduction="none")(logits, y, eps)
+    assert per_image.shape == (4,)
+    torch.testing.assert_close(PolyDiceLoss(reduction="mean")(logits, y, eps), per_image.mean())
+    torch.testing.assert_close(PolyDiceLoss(reduction="sum")(logits, y, eps), per_image.sum())
+    # "none": each image's mean over its classes, each class term with that image's ε.
+    probs = torch.softmax(logits, 1)
+    for i in range(4):
+        terms = [polydice_loss(probs[i : i + 1, c], (y[i : i + 1, 0] == c).double(), float(eps[i])) for c in range(3)]
+        torch.testing.assert_close(per_image[i], torch.cat(terms).mean())
+
+
+def test_polydice_loss_two_classes_with_background_averages_both_terms():
+    logits, y = _logits_and_target(5)
+    p = torch.softmax(logits, 1)[:, 1]
+    both = PolyDiceLoss(order=2, include_background=True, reduction="none")(logits, y, 0.2)
+    expected = 0.5 * (polydice_loss(p, y, 0.2, order=2) + polydice_loss(1 - p, 1 - y, 0.2, order=2))
+    torch.testing.assert_close(both, expected)
+
+
+def test_polydice_loss_single_channel_is_sigmoid_foreground():
+    logits, y = _logits_and_target(6)
+    one = logits[:, 1:] - logits[:, :1]  # sigmoid(l1 − l0) = softmax channel 1
+    for background in (True, False):
+        got = PolyDiceLoss(include_background=background, reduction="none")(one, y[:, None].float(), 0.3)
+        torch.testing.assert_close(got, polydice_loss(torch.sigmoid(one)[:, 0], y, 0.3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_registered_polydice_is_the_training_loops_per_image_foreground_loss(dtype):
+    """build_loss("polydice", ...) on (B, 2, H, W) logits gives exactly the numbers the training
+    loop had before the module was generalised: polydice_loss of softmax channel 1 in float32."""
+    logits, y = _logits_and_target(7, batch=4, size=8)
+    logits = logits.to(dtype)
+    eps = torch.tensor([0.0, 0.5, 0.25, -0.1])
+    p = torch.softmax(logits.float(), dim=1)[:, 1]
+    for order, scale in [(1, "norm"), (2, "inner"), (3, "norm")]:
+        loss = build_loss("polydice", eps=0.1, order=order, scale=scale)
+        assert torch.equal(loss(logits, y, eps), polydice_loss(p, y, eps, order, scale=scale))
+        assert torch.equal(loss(logits, y.to(torch.uint8)), polydice_loss(p, y, 0.1, order, scale=scale))
+
+
+def test_polydice_loss_rejects_bad_settings_and_shapes():
+    with pytest.raises(ValueError, match="reduction"):
+        PolyDiceLoss(reduction="batch")
+    with pytest.raises(ValueError, match="scale"):
+        PolyDiceLoss(scale="dot")
+    with pytest.raises(ValueError, match="order"):
+        PolyDiceLoss(order=0)
+    loss = PolyDiceLoss()
+    with pytest.raises(ValueError) as info:
+        loss(torch.randn(2, 3, 4, 4), torch.zeros(2, 2, 4, 4))
+    assert "(2, 3, 4, 4)" in str(info.value) and "(2, 2, 4, 4)" in str(info.value)
+    with pytest.raises(ValueError, match=r"\(2, 3, 4\)"):
+        loss(torch.randn(2, 3, 4), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="eps"):
+        loss(torch.randn(2, 3, 4, 4), torch.zeros(2, 4, 4), torch.zeros(3))
