@@ -1,25 +1,31 @@
 """The final table of a study: test metrics per method, paired tests, the fixed-ε oracle, the
-hardest images, plots.
+hardest images, the best configuration per fold, plots.
 
     python studies/report.py --results results/adaptive-final results/baselines --out results/report
     python studies/report.py --results results/adaptive-final --out results/report \\
-        --optuna-storage sqlite:///results/adaptive-optuna.db --study-name adaptive
+        --optuna-storage sqlite:///results/adaptive-optuna.db \\
+        --study-name adaptive-fold0 --study-name adaptive-fold1 \\
+        --best-config results/adaptive-report/best_config.json
 
 Input: every run folder under the ``--results`` folders that holds a ``summary.json`` with test
 metrics (``python -m polydice.train --out DIR`` or Ray Tune trial folders, at any depth). Search
 trials have no test metrics and are skipped. A run's label is its ``tag``, else its method
 (``polydice-eps+0.2`` for a fixed ε).
 
-Honesty (DESIGN.md, "Study protocol"): the paired tests pair the same test images; the hardest
-images are one set for all methods; the best fixed ε is picked on test Dice, so its row is marked
-as an oracle, not a method.
+Honesty (DESIGN.md, "Study protocol"): the paired tests pair the same test images, per video
+sequence where a dataset has them (CVC-ClinicDB) and per image otherwise, Holm-corrected across the
+methods compared; the hardest images are one set for all methods, among them the images the
+Dice-loss baseline scores lowest on; the best fixed ε is picked on test Dice, so its row is marked
+as an oracle, not a method. Nothing here reads a pickle.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
+import numbers
 import re
 import sys
 import warnings
@@ -34,9 +40,14 @@ HEADERS = {
     "dice": "Dice", "iou": "IoU", "precision": "Precision", "recall": "Recall", "nsd": "NSD",
     "nll": "NLL", "brier": "Brier", "dice_hardest_quartile": "Hardest 25 % Dice (own)¹",
 }
-REFERENCE_PREFERENCE = ("adaptive-tuned", "adaptive-thesis")
 ZERO_EPS_LABEL = "polydice-eps+0.0"
+DICE_LOSS_LABEL = "dice"  # the Dice-loss baseline whose hardest images are the thesis's "difficult cases"
 HARDEST_FRACTION = 0.25  # the same count rule as polydice.metrics.hardest_quartile_mean
+SINGLE_FOLD_LABEL = re.compile(r"^adaptive-tuned-fold(\d+)$")  # studies/tune_adaptive.py --search-fold F
+CONFIDENCE, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 0.95, 9999, 0
+# scipy >= 1.15 names the generator ``rng``; older versions ``random_state``.
+_BOOTSTRAP_RNG = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
+PM_BOTH, PM_FOREGROUND = "background+foreground", "foreground"
 
 
 class ReportWarning(UserWarning):
@@ -50,6 +61,12 @@ def run_label(config: dict) -> str:
     if config.get("method") == "polydice":
         return f"polydice-eps{float(config.get('eps', 0.0)):+.1f}"
     return str(config.get("method"))
+
+
+def single_fold_of(label: str) -> int | None:
+    """The fold of a single-fold search's label (``adaptive-tuned-fold2`` → 2), else None."""
+    match = SINGLE_FOLD_LABEL.match(str(label))
+    return int(match.group(1)) if match else None
 
 
 def _run_dirs(results_dir: Path):
@@ -87,7 +104,9 @@ def collect_runs(results_dirs: list[Path]) -> pd.DataFrame:
 
     Returns:
         Columns ``dataset, label, method, eps, fold, folds, split_seed, seed``, ``test_<metric>`` for
-        every metric of ``METRICS``, ``val_dice, best_epoch, n_test, run_dir, mtime``. Where a
+        every metric of ``METRICS``, ``val_dice, best_epoch, n_test, run_dir, mtime``, and for PM Dice
+        runs ``pm_variant`` (``PM_BOTH`` or ``PM_FOREGROUND``) and ``pm_field_missing`` (the config
+        predates ``pm_include_background``: such runs were trained foreground-only). Where a
         (dataset, label, fold) appears more than once the newest ``summary.json`` (mtime) is kept,
         with a warning.
 
@@ -114,7 +133,13 @@ def collect_runs(results_dirs: list[Path]) -> pd.DataFrame:
                 "folds": cfg.get("folds"),
                 "split_seed": cfg.get("split_seed"),
                 "seed": cfg.get("seed"),
+                "pm_variant": None,
+                "pm_field_missing": False,
             }
+            if cfg.get("method") == "pm_dice":
+                # Code older than the field trained the foreground-only variant.
+                row["pm_field_missing"] = "pm_include_background" not in cfg
+                row["pm_variant"] = PM_BOTH if cfg.get("pm_include_background", False) else PM_FOREGROUND
             for key in METRICS:
                 value = summary.get(f"test_{key}")
                 row[f"test_{key}"] = math.nan if value is None else float(value)
@@ -141,33 +166,85 @@ def collect_runs(results_dirs: list[Path]) -> pd.DataFrame:
     return runs[~dup].sort_values(key).reset_index(drop=True)
 
 
-def load_per_image(runs: pd.DataFrame) -> pd.DataFrame:
-    """The ``per_image.csv`` of every run: ``dataset, label, fold, index, dice, difficulty``.
+PER_IMAGE_COLUMNS = ["dataset", "label", "fold", "index", "group", "dice", "difficulty"]
 
+
+def load_per_image(runs: pd.DataFrame) -> pd.DataFrame:
+    """The ``per_image.csv`` of every run: ``dataset, label, fold, index, group, dice, difficulty``.
+
+    ``group`` is the video sequence on CVC-ClinicDB and the image itself elsewhere. An older
+    ``per_image.csv`` without it takes each image's group from another run that tested the image;
+    a dataset with an image that no run gives a group is paired per image, with a warning.
     A label whose folds test the same image twice (runs with different splits) keeps the first.
     """
-    frames = []
+    frames, without_group = [], set()
     for run in runs.itertuples():
         path = Path(run.run_dir) / "per_image.csv"
         if not path.exists():
             warnings.warn(f"{run.label} fold {run.fold}: no per_image.csv in {run.run_dir}; "
                           "left out of the paired tests and the common hardest images", ReportWarning, stacklevel=2)
             continue
-        frame = pd.read_csv(path, usecols=["index", "dice", "difficulty"])
-        frames.append(frame.assign(dataset=run.dataset, label=run.label, fold=run.fold))
+        frame = pd.read_csv(path)
+        if "group" not in frame.columns:
+            without_group.add((run.dataset, run.label))
+            frame["group"] = math.nan
+        frames.append(frame[["index", "group", "dice", "difficulty"]].assign(
+            dataset=run.dataset, label=run.label, fold=run.fold))
     if not frames:
-        return pd.DataFrame(columns=["dataset", "label", "fold", "index", "dice", "difficulty"])
-    per_image = pd.concat(frames, ignore_index=True)[["dataset", "label", "fold", "index", "dice", "difficulty"]]
+        return pd.DataFrame(columns=PER_IMAGE_COLUMNS)
+    per_image = pd.concat(frames, ignore_index=True)[PER_IMAGE_COLUMNS]
     dup = per_image.duplicated(["dataset", "label", "index"])
     if dup.any():
         labels = sorted(per_image.loc[dup, "label"].unique())
         warnings.warn(f"images tested in more than one fold of {labels} (different splits?); "
                       "keeping each image's first fold", ReportWarning, stacklevel=2)
-    return per_image[~dup].reset_index(drop=True)
+    per_image = per_image[~dup].reset_index(drop=True)
+    for dataset in sorted(per_image["dataset"].unique()):
+        of = per_image["dataset"] == dataset
+        known = per_image[of].dropna(subset=["group"])
+        if known.groupby("index")["group"].nunique().gt(1).any():
+            warnings.warn(f"`{dataset}`: runs disagree on the video sequence of some images; "
+                          "each image keeps the group of its first run", ReportWarning, stacklevel=2)
+        group_of = known.drop_duplicates("index").set_index("index")["group"]
+        groups = per_image.loc[of, "index"].map(group_of)
+        missing = sorted(label for d, label in without_group if d == dataset)
+        if groups.isna().any():
+            warnings.warn(f"`{dataset}`: per_image.csv without a 'group' column (older runs of {missing}) and "
+                          "no other run gives the group of every image: paired per image, not per video sequence",
+                          ReportWarning, stacklevel=2)
+            groups = per_image.loc[of, "index"]
+        elif missing:
+            warnings.warn(f"`{dataset}`: per_image.csv without a 'group' column (older runs of {missing}); "
+                          "their images' groups are taken from the other runs that tested them",
+                          ReportWarning, stacklevel=2)
+        per_image.loc[of, "group"] = groups.to_numpy()
+    return per_image
+
+
+def pairing_units(per_image: pd.DataFrame) -> dict[str, dict]:
+    """The unit of the paired tests per dataset, decided from the data.
+
+    Returns:
+        ``{dataset: {"unit": "image" | "sequence", "n_units", "n_images"}}`` over every tested image:
+        ``"image"`` when every group holds one image (Kvasir-SEG, synthetic), else ``"sequence"``
+        (CVC-ClinicDB: frames of one video sequence are not independent).
+    """
+    units = {}
+    for dataset, images in per_image.groupby("dataset"):
+        images = images.drop_duplicates("index")
+        sizes = images.groupby("group").size()
+        units[dataset] = {"unit": "image" if (sizes == 1).all() else "sequence",
+                          "n_units": len(sizes), "n_images": len(images)}
+    return units
+
+
+def _count(n: int, unit: str) -> str:
+    """``20 images``, ``1 sequence``."""
+    return f"{n} {unit}{'' if n == 1 else 's'}"
 
 
 def paired_wilcoxon(values: np.ndarray, reference: np.ndarray) -> tuple[float, float, int]:
-    """Two-sided Wilcoxon signed-rank test of paired per-image values.
+    """Two-sided Wilcoxon signed-rank test of paired values (one pair per independent unit).
 
     Returns:
         ``(p, mean difference values − reference, n pairs)``; p = 1 when every difference is 0 and
@@ -182,6 +259,46 @@ def paired_wilcoxon(values: np.ndarray, reference: np.ndarray) -> tuple[float, f
     return float(stats.wilcoxon(values, reference).pvalue), float(diff.mean()), len(diff)
 
 
+def bootstrap_ci(diff: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """BCa bootstrap confidence interval of the mean of paired differences (one per unit).
+
+    Resamples the units with ``BOOTSTRAP_RESAMPLES`` draws from a generator seeded with
+    ``BOOTSTRAP_SEED``, so the same differences always give the same interval.
+
+    Returns:
+        ``(low, high)``; NaN below 2 units; ``(d, d)`` when every difference equals d (no spread to
+        resample); NaN where BCa is undefined for the data.
+    """
+    diff = np.asarray(diff, float)
+    if len(diff) < 2:
+        return math.nan, math.nan
+    if np.all(diff == diff[0]):
+        return float(diff[0]), float(diff[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy's degenerate-data warning: the NaN below says it
+        ci = stats.bootstrap((diff,), np.mean, n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=confidence,
+                             method="BCa", **{_BOOTSTRAP_RNG: np.random.default_rng(BOOTSTRAP_SEED)}).confidence_interval
+    low, high = float(ci.low), float(ci.high)
+    return (low, high) if math.isfinite(low) and math.isfinite(high) else (math.nan, math.nan)
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm's step-down adjustment of a family of p-values (family-wise error control).
+
+    The i-th smallest of the m p-values becomes ``max_{j <= i} min(1, (m − j + 1) p_(j))``. NaN
+    entries (no test) are not members of the family and stay NaN.
+
+    Shape: ``(m,)`` → ``(m,)``, in the input order.
+    """
+    p = np.asarray(pvalues, float)
+    adjusted = np.full(p.shape, math.nan)
+    tested = np.flatnonzero(~np.isnan(p))
+    m = len(tested)
+    order = tested[np.argsort(p[tested], kind="stable")]
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    return adjusted
+
+
 def fold_ttest(values: np.ndarray, reference: np.ndarray) -> float:
     """Paired t-test p of per-fold means (NaN below 3 folds; 1 when every difference is 0)."""
     values, reference = np.asarray(values, float), np.asarray(reference, float)
@@ -193,7 +310,9 @@ def fold_ttest(values: np.ndarray, reference: np.ndarray) -> float:
 
 
 def choose_reference(labels, reference: str | None = None) -> str | None:
-    """``reference`` if given, else ``adaptive-tuned``, ``adaptive-thesis`` or the first ``adaptive*`` label.
+    """``reference`` if given, else ``adaptive-tuned`` (nested search), else the first label starting
+    with ``adaptive-tuned`` (``adaptive-tuned-fold2``: a single-fold search), else
+    ``adaptive-thesis``, else the first ``adaptive*`` label.
 
     Raises:
         ValueError: ``reference`` is not one of ``labels``.
@@ -203,25 +322,48 @@ def choose_reference(labels, reference: str | None = None) -> str | None:
         if reference not in labels:
             raise ValueError(f"reference {reference!r} is not among the labels: {', '.join(labels)}")
         return reference
-    for name in REFERENCE_PREFERENCE:
-        if name in labels:
-            return name
+    if "adaptive-tuned" in labels:
+        return "adaptive-tuned"
+    tuned = [name for name in labels if name.startswith("adaptive-tuned")]
+    if tuned:
+        return tuned[0]
+    if "adaptive-thesis" in labels:
+        return "adaptive-thesis"
     return next((name for name in labels if name.startswith("adaptive")), None)
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean and sample std (ddof = 1) over folds of every test metric, per (dataset, label)."""
+    """Mean and sample std (ddof = 1) over folds of every test metric, per (dataset, label).
+
+    ``pm_variant`` is the PM Dice variant of the label's runs (``"mixed"`` when its folds differ,
+    with a warning); empty for other methods.
+    """
     rows = []
     for (dataset, label), group in runs.groupby(["dataset", "label"], sort=True):
         if group["method"].nunique() > 1:
             warnings.warn(f"label {label!r} mixes methods {sorted(group['method'].unique())}", ReportWarning, stacklevel=2)
+        variants = sorted(group["pm_variant"].dropna().unique())
+        if len(variants) > 1:
+            warnings.warn(f"{label} ({dataset}) mixes PM Dice variants across folds: "
+                          + "; ".join(f"{v} in folds {sorted(group.loc[group['pm_variant'] == v, 'fold'])}"
+                                      for v in variants), ReportWarning, stacklevel=2)
         row = {"dataset": dataset, "label": label, "method": group["method"].iloc[0],
-               "eps": group["eps"].iloc[0], "folds": len(group), "n_test": group["n_test"].sum(min_count=1)}
+               "eps": group["eps"].iloc[0], "folds": len(group), "n_test": group["n_test"].sum(min_count=1),
+               "pm_variant": variants[0] if len(variants) == 1 else ("mixed" if variants else "")}
         for key in METRICS:
             row[f"{key}_mean"] = group[f"test_{key}"].mean()
             row[f"{key}_std"] = group[f"test_{key}"].std(ddof=1)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _bottom(values: pd.Series, fraction: float, ascending: bool) -> np.ndarray:
+    """Sorted indices of the ``max(1, round(fraction · n))`` lowest (or highest) values, ties by index."""
+    values = values.sort_index()
+    n = max(1, int(round(fraction * len(values))))
+    key = values.to_numpy() if ascending else -values.to_numpy()
+    ranked = np.argsort(key, kind="stable")  # stable on the sorted index: ties go to the lower index
+    return np.sort(values.index.to_numpy()[ranked[:n]])
 
 
 def common_hardest(per_image: pd.DataFrame, fraction: float = HARDEST_FRACTION) -> tuple[pd.DataFrame, dict]:
@@ -239,9 +381,7 @@ def common_hardest(per_image: pd.DataFrame, fraction: float = HARDEST_FRACTION) 
         difficulty = images.groupby("index")["difficulty"].mean().dropna()
         if difficulty.empty:
             continue
-        n = max(1, int(round(fraction * len(difficulty))))
-        ranked = np.argsort(-difficulty.to_numpy(), kind="stable")
-        hard = np.sort(difficulty.index.to_numpy()[ranked[:n]])
+        hard = _bottom(difficulty, fraction, ascending=False)
         hardest[dataset] = hard.tolist()
         for label, rows_of in images.groupby("label"):
             on = rows_of[rows_of["index"].isin(hard)]
@@ -251,16 +391,70 @@ def common_hardest(per_image: pd.DataFrame, fraction: float = HARDEST_FRACTION) 
     return pd.DataFrame(rows, columns=["dataset", "label", "dice_hardest_quartile_common", "n_hardest_common"]), hardest
 
 
-def paired_tests(runs: pd.DataFrame, per_image: pd.DataFrame, reference: str | None) -> pd.DataFrame:
+def dice_loss_hardest(per_image: pd.DataFrame, fraction: float = HARDEST_FRACTION,
+                      baseline: str = DICE_LOSS_LABEL) -> tuple[pd.DataFrame, dict, dict]:
+    """The thesis's "cases difficult for conventional methods": per dataset, the test images on which
+    the Dice-loss baseline scores lowest, and every method's mean Dice over them.
+
+    The set is the bottom ``fraction`` (``max(1, round(fraction · n))`` images, ties broken by the
+    lower dataset index) of the ``baseline`` label's per-image test Dice pooled over its folds; one
+    set for every method, each averaging the images of it that it tested.
+
+    Returns:
+        ``(frame with dataset, label, dice_loss_hard_dice, dice_loss_hard_n_images,
+        {dataset: sorted indices of the set}, {dataset: why there is no set})``.
+    """
+    rows, hard, missing = [], {}, {}
+    for dataset, images in per_image.groupby("dataset"):
+        dice = images.loc[images["label"] == baseline].set_index("index")["dice"].dropna()
+        if dice.empty:
+            missing[dataset] = f"no Dice-loss run (`{baseline}`)"
+            continue
+        hard[dataset] = _bottom(dice, fraction, ascending=True).tolist()
+        for label, rows_of in images.groupby("label"):
+            on = rows_of[rows_of["index"].isin(hard[dataset])]
+            rows.append({"dataset": dataset, "label": label,
+                         "dice_loss_hard_dice": on["dice"].mean() if len(on) else math.nan,
+                         "dice_loss_hard_n_images": len(on)})
+    frame = pd.DataFrame(rows, columns=["dataset", "label", "dice_loss_hard_dice", "dice_loss_hard_n_images"])
+    return frame, hard, missing
+
+
+def _compare(pairs: pd.DataFrame, prefix: str) -> dict:
+    """Paired statistics of ``pairs`` (``group, dice, dice_ref`` per image), one pair per group.
+
+    A group's pair is the mean Dice of its images for each side; with one image per group that is
+    the image itself.
+    """
+    units = pairs.groupby("group")[["dice", "dice_ref"]].mean()
+    p, diff, n = paired_wilcoxon(units["dice"], units["dice_ref"])
+    low, high = bootstrap_ci(units["dice"].to_numpy() - units["dice_ref"].to_numpy())
+    return {f"{prefix}n_pairs": n, f"{prefix}n_images_paired": len(pairs), f"{prefix}dice_diff_mean": diff,
+            f"{prefix}dice_diff_ci_low": low, f"{prefix}dice_diff_ci_high": high, f"{prefix}wilcoxon_p": p}
+
+
+HARD = "dice_loss_hard_"  # prefix of the comparison on the Dice-loss baseline's hardest images
+HOLM_COLUMNS = ("wilcoxon_p", "ttest_p", "dice_loss_hard_wilcoxon_p")
+
+
+def paired_tests(runs: pd.DataFrame, per_image: pd.DataFrame, reference: str | None,
+                 hard: dict | None = None) -> pd.DataFrame:
     """Every label against ``reference`` within its dataset, on the folds both have.
 
-    Per image: the Dice of each test image of the shared folds paired by dataset index (each image
-    is tested once across folds), Wilcoxon signed-rank. Per fold: paired t-test of fold mean Dice.
+    Per unit: the test images of the shared folds both tested are paired by dataset index, then
+    averaged per group (video sequence on CVC-ClinicDB, the image itself elsewhere): Wilcoxon
+    signed-rank over the units and a BCa bootstrap CI of the mean unit difference. The same on the
+    Dice-loss hard set ``hard[dataset]`` where there is one. Per fold: paired t-test of fold mean
+    Dice. Every p also Holm-adjusted (``<column>_holm``) across the labels of the dataset.
     """
+    hard = hard or {}
+    empty = {"n_pairs": 0, "n_images_paired": 0, "dice_diff_mean": math.nan, "dice_diff_ci_low": math.nan,
+             "dice_diff_ci_high": math.nan, "wilcoxon_p": math.nan}
     rows = []
     for (dataset, label), group in runs.groupby(["dataset", "label"]):
-        row = {"dataset": dataset, "label": label, "reference": reference, "folds_shared": 0,
-               "n_pairs": 0, "dice_diff_mean": math.nan, "wilcoxon_p": math.nan, "ttest_p": math.nan}
+        row = {"dataset": dataset, "label": label, "reference": reference, "folds_shared": 0, "ttest_p": math.nan}
+        row.update(empty)
+        row.update({HARD + k: v for k, v in empty.items()})
         ref = runs[(runs["dataset"] == dataset) & (runs["label"] == reference)]
         if reference is None or label == reference or ref.empty:
             rows.append(row)
@@ -268,20 +462,25 @@ def paired_tests(runs: pd.DataFrame, per_image: pd.DataFrame, reference: str | N
         folds = pd.merge(group[["fold", "test_dice"]], ref[["fold", "test_dice"]], on="fold", suffixes=("", "_ref"))
         shared = set(folds["fold"])
         images = per_image[(per_image["dataset"] == dataset) & per_image["fold"].isin(shared)]
-        pairs = pd.merge(images[images["label"] == label][["index", "dice"]],
+        pairs = pd.merge(images[images["label"] == label][["index", "group", "dice"]],
                          images[images["label"] == reference][["index", "dice"]], on="index", suffixes=("", "_ref"))
-        p, diff, n = paired_wilcoxon(pairs["dice"], pairs["dice_ref"])
-        row.update(folds_shared=len(shared), n_pairs=n, dice_diff_mean=diff, wilcoxon_p=p,
-                   ttest_p=fold_ttest(folds["test_dice"], folds["test_dice_ref"]))
+        row.update(folds_shared=len(shared), ttest_p=fold_ttest(folds["test_dice"], folds["test_dice_ref"]))
+        row.update(_compare(pairs, ""))
+        if dataset in hard:
+            row.update(_compare(pairs[pairs["index"].isin(hard[dataset])], HARD))
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    for column in HOLM_COLUMNS:
+        table[f"{column}_holm"] = table.groupby("dataset")[column].transform(holm)
+    return table
 
 
 def add_oracle(table: pd.DataFrame) -> pd.DataFrame:
     """Append, per dataset, a copy of the fixed-ε PolyDice row with the best mean TEST Dice.
 
     The copy is labelled ``polydice-oracle (eps=+0.2)`` and flagged ``oracle=True``: ε was picked
-    on test data, so it is an upper bound for a fixed ε, not a method.
+    on test data, so it is an upper bound for a fixed ε, not a method. It repeats its row's tests
+    and is not a member of their Holm family.
     """
     table = table.assign(oracle=False)
     fixed = table[(table["method"] == "polydice")
@@ -309,6 +508,142 @@ def epsilon_at_last_refresh(runs: pd.DataFrame) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame(columns=["epoch", "index", "difficulty", "epsilon", "dataset", "label", "fold"])
     return pd.concat(frames, ignore_index=True)
+
+
+# ----------------------------------------------------------------------------- best configuration
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+
+
+def load_best_config(path: Path) -> tuple[dict, pd.DataFrame]:
+    """The search's ``best_config.json``: its header and one row per fold.
+
+    Expected format (studies/tune_adaptive.py)::
+
+        {"metric": ..., "protocol": "nested" | "single-fold", "optuna_storage": ...,
+         "folds": {"0": {"study_name", "value", "params": {...}, "optuna_trial", "n_trials"}, ...},
+         "base": {TrainConfig fields}}
+
+    Anything malformed is a ``ReportWarning`` (listed in the report), never an exception: an
+    unreadable file gives an empty frame, a malformed fold entry is left out.
+
+    Returns:
+        ``(header with metric, protocol, optuna_storage, frame)``; the frame has columns ``fold,
+        study_name, optuna_trial, n_trials, value`` and one column per parameter, sorted by fold.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        warnings.warn(f"best configuration {path} could not be read: {type(exc).__name__}: {exc}",
+                      ReportWarning, stacklevel=2)
+        return {}, pd.DataFrame()
+    if not isinstance(data, dict) or not isinstance(data.get("folds"), dict):
+        warnings.warn(f"best configuration {path} has no 'folds' object (expected "
+                      '{"folds": {"0": {"params": {...}, "value": ...}, ...}}); no per-fold table',
+                      ReportWarning, stacklevel=2)
+        return (data if isinstance(data, dict) else {}), pd.DataFrame()
+    rows = []
+    for key, entry in data["folds"].items():
+        try:
+            fold = int(key)
+        except ValueError:
+            warnings.warn(f"best configuration {path}: fold key {key!r} is not a fold number; left out",
+                          ReportWarning, stacklevel=2)
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("params"), dict):
+            warnings.warn(f"best configuration {path}: fold {key} has no 'params' object; left out",
+                          ReportWarning, stacklevel=2)
+            continue
+        value = entry.get("value")
+        if not _is_number(value):
+            warnings.warn(f"best configuration {path}: fold {key} has a non-numeric value {value!r}; "
+                          "shown as missing", ReportWarning, stacklevel=2)
+            value = math.nan
+        row = {"fold": fold, "study_name": entry.get("study_name"), "optuna_trial": entry.get("optuna_trial"),
+               "n_trials": entry.get("n_trials"), "value": float(value)}
+        for name, param in entry["params"].items():
+            if name in row:
+                warnings.warn(f"best configuration {path}: fold {key} has a parameter named {name!r}, "
+                              "which clashes with a column of the table; left out", ReportWarning, stacklevel=2)
+                continue
+            row[name] = param
+        rows.append(row)
+    header = {k: data.get(k) for k in ("metric", "protocol", "optuna_storage")}
+    frame = pd.DataFrame(rows)
+    return header, (frame.sort_values("fold").reset_index(drop=True) if rows else frame)
+
+
+def best_config_spread(per_fold: pd.DataFrame) -> pd.DataFrame:
+    """Per numeric parameter (and the validation value) across folds: ``n_folds, min, max, mean,
+    std`` (sample, ddof = 1; NaN for one fold) and ``cv = std / |mean|`` (NaN when the mean is 0)."""
+    rows = []
+    columns = [c for c in per_fold.columns if c not in ("fold", "study_name", "optuna_trial", "n_trials")]
+    for name in columns:
+        values = per_fold[name]
+        if not all(_is_number(v) for v in values.dropna()) or values.dropna().empty:
+            continue  # a categorical parameter: the per-fold table shows it
+        values = values.dropna().astype(float)
+        std = values.std(ddof=1) if len(values) > 1 else math.nan
+        mean = values.mean()
+        rows.append({"parameter": name, "n_folds": len(values), "min": values.min(), "max": values.max(),
+                     "mean": mean, "std": std, "cv": std / abs(mean) if mean != 0 else math.nan})
+    return pd.DataFrame(rows, columns=["parameter", "n_folds", "min", "max", "mean", "std", "cv"])
+
+
+def _fmt_value(value) -> str:
+    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
+        return "–"
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return f"{value:.4g}" if isinstance(value, (float, np.floating)) else str(value)
+
+
+def best_config_section(path: Path, header: dict, per_fold: pd.DataFrame, out_dir: Path) -> list[str]:
+    """The "Best configuration per fold" section of :func:`load_best_config`'s ``(header, per_fold)``
+    read from ``path``; writes ``best_config_per_fold.csv`` and ``best_config_spread.csv``."""
+    lines = ["## Best configuration per fold", ""]
+    if per_fold.empty:
+        return lines + [f"Note: no per-fold best configuration could be read from `{path}` (see Warnings).", ""]
+    per_fold.to_csv(out_dir / "best_config_per_fold.csv", index=False)
+    protocol = header.get("protocol")
+    described = {
+        "nested": "nested cross-validation: each outer fold's controller was searched on that fold's "
+                  "training part alone (scored on its inner validation split) and never saw the fold's test images",
+        "single-fold": "a single-fold search: the controller was searched on one fold's training part and "
+                       "tested on that fold only",
+    }.get(protocol, f"protocol {protocol!r} (not described by this report)")
+    lines.append(f"From `{path}`: {described}. Each row is the best trial of that fold's study by "
+                 f"`{header.get('metric') or 'the search metric'}` (validation, never test)"
+                 + (f"; storage {_redact(str(header['optuna_storage']))}" if header.get("optuna_storage") else "")
+                 + ". [best_config_per_fold.csv](best_config_per_fold.csv)")
+    lines.append("")
+    params = [c for c in per_fold.columns if c not in ("fold", "study_name", "optuna_trial", "n_trials", "value")]
+    head = ["Fold", "Study", "Best trial", "Trials", "Validation value"] + [f"`{p}`" for p in params]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in per_fold.iterrows():
+        cells = [str(r["fold"]), f"`{r['study_name']}`" if isinstance(r["study_name"], str) else "–",
+                 _fmt_value(r["optuna_trial"]), _fmt_value(r["n_trials"]),
+                 "–" if pd.isna(r["value"]) else f"{r['value']:.4f}"]
+        cells += [_fmt_value(r[p]) for p in params]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    spread = best_config_spread(per_fold)
+    spread.to_csv(out_dir / "best_config_spread.csv", index=False)
+    if len(per_fold) < 2:
+        return lines + ["One fold: no spread across folds.", ""]
+    lines += [f"Spread across the {len(per_fold)} folds (sample std, ddof = 1; CV = std / |mean|), numeric "
+              "parameters and the validation value: [best_config_spread.csv](best_config_spread.csv). "
+              "A parameter whose best value varies widely between folds is not pinned down by the search.", "",
+              "| Parameter | Min | Max | Mean | Std | CV |", "|---|---|---|---|---|---|"]
+    for _, r in spread.iterrows():
+        name = "validation value" if r["parameter"] == "value" else f"`{r['parameter']}`"
+        lines.append("| " + " | ".join([name] + [_fmt_value(r[c]) for c in ("min", "max", "mean", "std", "cv")]) + " |")
+    return lines + [""]
 
 
 # ----------------------------------------------------------------------------- plots
@@ -359,7 +694,7 @@ def plot_eps_vs_difficulty(eps: pd.DataFrame, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def plot_search_history(numbers, values, maximize: bool, path: Path) -> None:
+def plot_search_history(numbers, values, maximize: bool, path: Path, study_name: str) -> None:
     best = np.maximum.accumulate(values) if maximize else np.minimum.accumulate(values)
     fig = _figure(6.0, 4.0)
     ax = fig.subplots()
@@ -367,18 +702,18 @@ def plot_search_history(numbers, values, maximize: bool, path: Path) -> None:
     ax.step(numbers, best, where="post", color="tab:red", label="best so far")
     ax.set_xlabel("trial number")
     ax.set_ylabel("objective (search metric)")
-    ax.set_title("Optuna search history")
+    ax.set_title(f"Optuna search history: {study_name}")
     ax.legend()
     fig.savefig(path, dpi=120)
 
 
-def plot_importances(importances: dict, path: Path) -> None:
+def plot_importances(importances: dict, path: Path, study_name: str) -> None:
     names = list(importances)[::-1]
     fig = _figure(6.0, 0.4 * len(names) + 1.5)
     ax = fig.subplots()
     ax.barh(names, [importances[n] for n in names])
     ax.set_xlabel("importance (fANOVA)")
-    ax.set_title("Hyperparameter importances")
+    ax.set_title(f"Hyperparameter importances: {study_name}")
     fig.savefig(path, dpi=120)
 
 
@@ -387,43 +722,66 @@ def _redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
-def optuna_section(storage: str, study_name: str, out_dir: Path) -> list[str]:
-    """Search-history and importance plots of an Optuna study; markdown lines describing them."""
+def _file_stem(name: str) -> str:
+    """A study name usable in a file name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def _study_line(storage: str, name: str, out_dir: Path, importance_rows: list[dict]) -> str:
+    """One markdown line on an Optuna study; writes its plots, appends its importances."""
     import optuna
 
-    lines = [f"## Search (Optuna study `{study_name}`, {_redact(storage)})", ""]
     try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
+        study = optuna.load_study(study_name=name, storage=storage)
     except Exception as exc:  # a missing study (KeyError) or an unreachable database
-        return lines + [f"Note: the study could not be loaded ({type(exc).__name__}: {exc}).", ""]
+        return f"`{name}`: the study could not be loaded ({type(exc).__name__}: {exc})."
     if len(study.directions) > 1:
-        return lines + ["Note: a multi-objective study; no search history or importances.", ""]
+        return f"`{name}`: a multi-objective study; no search history or importances."
     done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
             if t.value is not None]
-    lines.append(f"{len(study.trials)} trials, {len(done)} completed; the objective is the study's metric "
-                 "(`best_val_dice` in studies/tune_adaptive.py: validation Dice, the search never reads test images).")
-    lines.append("")
+    line = f"`{name}`: {len(study.trials)} trials, {len(done)} completed"
     if not done:
-        return lines + ["Note: no completed trial; no search history.", ""]
+        return line + "; no search history."
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    stem = _file_stem(name)
     plot_search_history([t.number for t in done], np.array([t.value for t in done]), maximize,
-                        out_dir / "search_history.png")
+                        out_dir / f"search_history_{stem}.png", name)
     best = max(done, key=lambda t: t.value) if maximize else min(done, key=lambda t: t.value)
-    lines += [f"Best trial {best.number}: {best.value:.4f} with {best.params}.", "",
-              "![Search history](search_history.png)", ""]
+    params = ", ".join(f"{k} = {_fmt_value(v)}" for k, v in best.params.items())
+    line += f"; best {best.value:.4f} (trial {best.number}) with {params}; [search history](search_history_{stem}.png)"
     try:
         if len(done) < 2:  # optuna answers a single trial with equal, meaningless importances
             raise ValueError(f"{len(done)} completed trial")
         importances = optuna.importance.get_param_importances(
             study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
     except (ValueError, RuntimeError) as exc:
-        return lines + [f"Note: no parameter importances ({exc}); they need at least 2 completed "
-                        "trials with differing parameters and values.", ""]
-    pd.DataFrame({"param": list(importances), "importance": list(importances.values())}).to_csv(
-        out_dir / "importances.csv", index=False)
-    plot_importances(importances, out_dir / "importances.png")
-    return lines + ["Parameter importances (fANOVA over the completed trials): [importances.csv](importances.csv)",
-                    "", "![Importances](importances.png)", ""]
+        return line + (f"; no parameter importances ({exc}): they need at least 2 completed trials with "
+                       "differing parameters and values.")
+    importance_rows += [{"study": name, "param": p, "importance": v} for p, v in importances.items()]
+    plot_importances(importances, out_dir / f"importances_{stem}.png", name)
+    return line + f", [importances](importances_{stem}.png)."
+
+
+def optuna_section(storage: str, study_names: list[str], out_dir: Path) -> list[str]:
+    """One line per Optuna study of the search (per-fold studies ``<study>-fold<f>`` under nested
+    cross-validation), its search-history and importance plots, and a table of the importances."""
+    lines = [f"## Search (Optuna, {_redact(storage)})", "",
+             "The objective of every study is the search metric (`best_val_dice` in studies/tune_adaptive.py: "
+             "validation Dice; the search never reads test images).", ""]
+    importance_rows: list[dict] = []
+    lines += [f"- {_study_line(storage, name, out_dir, importance_rows)}" for name in study_names] + [""]
+    if not importance_rows:
+        return lines
+    frame = pd.DataFrame(importance_rows)
+    frame.to_csv(out_dir / "importances.csv", index=False)
+    params = list(dict.fromkeys(frame["param"]))
+    wide = frame.pivot(index="study", columns="param", values="importance")
+    lines += ["Parameter importances (fANOVA, seed 0, over each study's completed trials; they sum to 1 per "
+              "study): [importances.csv](importances.csv)", "",
+              "| Study | " + " | ".join(f"`{p}`" for p in params) + " |", "|" + "---|" * (len(params) + 1)]
+    for name in dict.fromkeys(frame["study"]):
+        lines.append(f"| `{name}` | " + " | ".join(_fmt_importance(wide.loc[name, p]) for p in params) + " |")
+    return lines + [""]
 
 
 # ----------------------------------------------------------------------------- the report
@@ -439,105 +797,104 @@ def _fmt_p(p: float) -> str:
     return "–" if pd.isna(p) else f"{p:.3g}"
 
 
+def _fmt_importance(value: float) -> str:
+    return "–" if pd.isna(value) else f"{value:.3f}"
+
+
+def _fmt_diff(diff: float, low: float, high: float) -> str:
+    """``+0.0300 [+0.0100, +0.0500]``: a mean difference and its confidence interval."""
+    if pd.isna(diff):
+        return "–"
+    return f"{diff:+.4f} [–]" if pd.isna(low) else f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]"
+
+
 def _display_label(row, reference: str | None) -> str:
     if row["oracle"]:
         return f"*{row['label']}* † (oracle, not a method)"
+    label, notes = row["label"], []
+    if row["method"] == "pm_dice":
+        label += "⁶"
     if row["label"] == reference:
-        return f"**{row['label']}** (reference)"
+        label, notes = f"**{label}**", ["reference"]
+    fold = single_fold_of(row["label"])
+    if fold is not None:
+        notes.append(f"searched and tested on fold {fold} only")
     if row["label"] == ZERO_EPS_LABEL:
-        return f"{row['label']} (PolyDice ε = 0 baseline)"
-    return row["label"]
+        notes.append("PolyDice ε = 0 baseline")
+    return label + (f" ({'; '.join(notes)})" if notes else "")
 
 
-def _markdown_table(table: pd.DataFrame, reference: str | None) -> list[str]:
+def _markdown_table(table: pd.DataFrame, reference: str | None, unit: str | None, no_hard_set: str | None) -> list[str]:
     header = (["Method", "Folds"] + [HEADERS[m] for m in METRICS]
-              + ["Hardest 25 % Dice (common)²", "ΔDice vs ref³", "n pairs", "Wilcoxon p³", "Fold t-test p⁴"])
+              + ["Hardest 25 % Dice (common)²", "Dice-loss hardest 25 % Dice³", "ΔDice there [95 % CI], Holm p³",
+                 "ΔDice vs ref [95 % CI]⁴", "n pairs⁴", "Wilcoxon p (Holm)⁴", "Fold t-test p (Holm)⁵"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in table.iterrows():
         cells = [_display_label(row, reference), str(int(row["folds"]))]
         cells += [_fmt(row[f"{m}_mean"], row[f"{m}_std"]) for m in METRICS]
         common = row["dice_hardest_quartile_common"]
         cells.append("–" if pd.isna(common) else f"{common:.4f} (n={int(row['n_hardest_common'])})")
-        diff = row["dice_diff_mean"]
-        cells += ["–" if pd.isna(diff) else f"{diff:+.4f}", str(int(row["n_pairs"])) if row["n_pairs"] else "–",
-                  _fmt_p(row["wilcoxon_p"]), _fmt_p(row["ttest_p"])]
+        if no_hard_set:
+            cells += [no_hard_set, no_hard_set]
+        else:
+            hard = row["dice_loss_hard_dice"]
+            cells.append("–" if pd.isna(hard) else f"{hard:.4f} (n={int(row['dice_loss_hard_n_images'])})")
+            n = int(row[HARD + "n_pairs"])
+            cells.append("–" if not n else
+                         f"{_fmt_diff(row[HARD + 'dice_diff_mean'], row[HARD + 'dice_diff_ci_low'], row[HARD + 'dice_diff_ci_high'])}, "
+                         f"p = {_fmt_p(row[HARD + 'wilcoxon_p_holm'])} ({_count(n, unit)})")
+        n = int(row["n_pairs"])
+        cells += [_fmt_diff(row["dice_diff_mean"], row["dice_diff_ci_low"], row["dice_diff_ci_high"]),
+                  _count(n, unit) if n else "–", _fmt_p(row["wilcoxon_p_holm"]), _fmt_p(row["ttest_p_holm"])]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def make_report(
-    results_dirs: list[Path],
-    out_dir: Path,
-    *,
-    optuna_storage: str | None = None,
-    study_name: str | None = None,
-    reference: str | None = None,
-) -> Path:
-    """Write ``table.csv``, ``table.md`` and the plots of the tested runs below ``results_dirs``.
+def _pm_footnote(table: pd.DataFrame, runs: pd.DataFrame) -> str | None:
+    """Footnote ⁶: the PM Dice variant of every pm_dice row, read from its runs' configs."""
+    parts = []
+    for _, row in table[(table["method"] == "pm_dice") & ~table["oracle"]].iterrows():
+        of = runs[(runs["dataset"] == row["dataset"]) & (runs["label"] == row["label"])]
+        name = f"`{row['label']}` (`{row['dataset']}`)"
+        if row["pm_variant"] == PM_BOTH:
+            parts.append(f"{name}: background and foreground averaged (Eq. 5)")
+        elif row["pm_variant"] == PM_FOREGROUND:
+            old = int(of["pm_field_missing"].sum())
+            parts.append(f"{name}: foreground only" + (
+                f" ({old} of {len(of)} runs have no `pm_include_background` in their config: trained by older "
+                "code, which computed the foreground term only)" if old else ""))
+        else:
+            folds = "; ".join(f"{v} in folds {', '.join(map(str, sorted(of.loc[of['pm_variant'] == v, 'fold'])))}"
+                              for v in sorted(of["pm_variant"].dropna().unique()))
+            parts.append(f"{name}: mixed ({folds}): the row averages two different losses")
+    if not parts:
+        return None
+    return ("⁶ PM Dice variant, read from each run's config (`pm_include_background`; a config without it "
+            "comes from older code, foreground only): " + "; ".join(parts) + ". The PM Dice paper's Eq. 5 "
+            "averages the background and foreground terms, the default; the foreground-only term is an option.")
 
-    Args:
-        results_dirs: run folders or Tune experiment folders (see :func:`collect_runs`).
-        out_dir: created if missing.
-        optuna_storage, study_name: the search study, for its history and importance plots.
-        reference: label the paired tests compare against (default: ``adaptive-tuned``, else
-            ``adaptive-thesis``, else the first ``adaptive*`` label).
 
-    Returns:
-        The path of ``table.md``.
+TABLE_COLUMNS = (
+    ["dataset", "label", "method", "eps", "oracle", "folds", "n_test", "pm_variant"]
+    + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
+    + ["dice_hardest_quartile_common", "n_hardest_common", "dice_loss_hard_dice", "dice_loss_hard_n_images",
+       "reference", "folds_shared", "pair_unit", "n_pairs", "n_images_paired", "dice_diff_mean",
+       "dice_diff_ci_low", "dice_diff_ci_high", "wilcoxon_p", "wilcoxon_p_holm", "ttest_p", "ttest_p_holm"]
+    + [HARD + c for c in ("n_pairs", "n_images_paired", "dice_diff_mean", "dice_diff_ci_low", "dice_diff_ci_high",
+                          "wilcoxon_p", "wilcoxon_p_holm")]
+)
 
-    Raises:
-        ValueError: no results folder, a missing one, one without tested runs, or an unknown reference.
-    """
-    if not results_dirs:
-        raise ValueError("no results folders given")
-    out_dir = Path(out_dir)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        runs = collect_runs(results_dirs)
-        reference = choose_reference(runs["label"], reference)
-        per_image = load_per_image(runs)
-        table = summarize(runs)
-        common, hardest = common_hardest(per_image)
-        table = table.merge(common, on=["dataset", "label"], how="left")
-        table = table.merge(paired_tests(runs, per_image, reference), on=["dataset", "label"], how="left")
-        table = add_oracle(table)
-    for w in caught:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    notes = [str(w.message) for w in caught if issubclass(w.category, ReportWarning)]
-    table["n_hardest_common"] = table["n_hardest_common"].fillna(0).astype(int)
-    table = table.sort_values(["dataset", "oracle", "dice_mean"], ascending=[True, True, False], kind="stable")
-    table = table.reset_index(drop=True)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    columns = (["dataset", "label", "method", "eps", "oracle", "folds", "n_test"]
-               + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
-               + ["dice_hardest_quartile_common", "n_hardest_common", "reference", "folds_shared", "n_pairs",
-                  "dice_diff_mean", "wilcoxon_p", "ttest_p"])
-    table[columns].to_csv(out_dir / "table.csv", index=False)
-
-    plot_dice_per_method(runs, out_dir / "dice_per_method.png")
-    eps = epsilon_at_last_refresh(runs)
-    if not eps.empty:
-        plot_eps_vs_difficulty(eps, out_dir / "eps_vs_difficulty.png")
-
-    md = ["# PolyDice study report", ""]
-    labels = sorted(runs["label"].unique())
-    md.append(f"Compared: {len(labels)} methods ({', '.join(f'`{x}`' for x in labels)}), results from "
-              + ", ".join(f"`{d}`" for d in results_dirs) + ".")
-    md.append("")
-    for dataset, sub in runs.groupby("dataset"):
-        folds = sorted(sub["fold"].unique())
-        images = per_image.loc[per_image["dataset"] == dataset, "index"].nunique()
-        md.append(f"- `{dataset}`: {len(folds)} folds ({', '.join(map(str, folds))}), {images} test images "
-                  f"(every image is tested once per method across its folds), {len(sub)} runs.")
-    md += ["", f"Reference of the paired tests: `{reference}`." if reference else
-           "No adaptive run: no paired tests (pass --reference LABEL).", ""]
-    for dataset, sub in table.groupby("dataset"):
-        if table["dataset"].nunique() > 1:
-            md += [f"## {dataset}", ""]
-        md += _markdown_table(sub, reference) + [""]
-
-    sizes = ", ".join(f"{len(v)} images of `{k}`" for k, v in hardest.items())
+def _footnotes(table: pd.DataFrame, runs: pd.DataFrame, reference: str | None, units: dict, hardest: dict,
+               hard_sets: dict, no_hard_set: dict) -> list[str]:
+    common = ", ".join(f"{len(v)} images of `{k}`" for k, v in hardest.items())
+    hard = ", ".join(f"{len(v)} images of `{k}`" for k, v in hard_sets.items())
+    absent = ", ".join(f"`{k}`: {why}" for k, why in no_hard_set.items())
+    described = {"image": "per image", "sequence": "per video sequence (the mean Dice of the sequence's paired "
+                 "images; frames of one sequence are not independent)"}
+    unit_text = "; ".join(f"`{d}` {described[u['unit']]}" for d, u in units.items()) or "no per-image results"
+    family = ", ".join(
+        f"m = {int(sub['wilcoxon_p'].notna().sum())} in `{d}`" for d, sub in table[~table["oracle"]].groupby("dataset"))
     footnotes = [
         "Values are the mean ± sample standard deviation (ddof = 1) over folds of each fold's test mean; "
         "a single fold has no std.",
@@ -546,30 +903,152 @@ def make_report(
         "methods, so this is not a like-for-like comparison.",
         "² Hardest 25 % Dice (common): one set of images for all methods: each test image's difficulty is "
         "averaged over every method's final model, and the top quarter by that mean "
-        f"({sizes or 'no per-image results'}) is shared; mean Dice over it, pooled across folds.",
-        f"³ Paired per image against `{reference}`: ΔDice is the mean of (method − reference) Dice over the "
-        "test images of the folds both share (n pairs, joined on the dataset index); two-sided Wilcoxon "
-        "signed-rank test (p = 1 when every difference is 0). Images of one patient or video sequence are "
-        "correlated, so n overstates the independent evidence and p is optimistic. No correction for "
-        "multiple comparisons.",
-        "⁴ Paired t-test of the per-fold mean test Dice over the shared folds (needs ≥ 3): with 5 folds it "
-        "has 4 degrees of freedom, a weak test.",
+        f"({common or 'no per-image results'}) is shared; mean Dice over it, pooled across folds.",
+        "³ Dice-loss hardest 25 % Dice: the thesis's \"cases difficult for conventional methods\": the test "
+        f"images on which the Dice-loss baseline (the run labelled `{DICE_LOSS_LABEL}`) scores lowest, the bottom "
+        "quarter of its per-image test Dice pooled over its folds (max(1, round(n / 4)) images, ties to the "
+        f"lower dataset index; {hard or 'no set'}). One set for every method; each row is the mean Dice over the "
+        "images of the set that method tested (n), pooled across folds. ΔDice there, its 95 % CI and the "
+        "Holm-adjusted p are the paired comparison of ⁴ restricted to the set (Holm across the methods of the "
+        "dataset, a family of its own). The set is chosen on the baseline's own low scores, so the "
+        f"`{DICE_LOSS_LABEL}` row's value and its ΔDice are biased against it (regression to the mean); for "
+        "every other method the set is fixed independently of its results."
+        + (f" No set for {absent}: the column says so rather than guess from another method." if absent else ""),
+        f"⁴ Paired against `{reference}` on the test images both tested in the folds both share, with the unit "
+        f"of independence of each dataset: {unit_text}; n pairs counts those units. ΔDice is the mean over "
+        "units of (method − reference) Dice, so on a per-sequence dataset every sequence weighs the same. "
+        f"95 % CI: BCa bootstrap of the paired unit differences (scipy.stats.bootstrap, {BOOTSTRAP_RESAMPLES} "
+        f"resamples, seed {BOOTSTRAP_SEED}; [–] below 2 units). Wilcoxon p: two-sided signed-rank test over the "
+        "units (p = 1 when every difference is 0), Holm-adjusted across the methods compared against the "
+        f"reference within the dataset ({family or 'no comparisons'}); the oracle row repeats its fixed-ε row "
+        "and is not counted in the family. Raw p in table.csv (`wilcoxon_p`, adjusted `wilcoxon_p_holm`). "
+        "Holm controls the family-wise error within one column, not across columns or metrics. Where the data "
+        "give no grouping (Kvasir-SEG publishes no patient identifiers) images count as independent.",
+        "⁵ Paired t-test of the per-fold mean test Dice over the shared folds (needs ≥ 3): with 5 folds it "
+        "has 4 degrees of freedom, a weak test. Holm-adjusted as ⁴, a family of its own (raw in `ttest_p`).",
     ]
+    pm = _pm_footnote(table, runs)
+    if pm:
+        footnotes.append(pm)
     if table["oracle"].any():
         footnotes.append("† Oracle, not a valid method: picked on test Dice. A copy of the fixed-ε PolyDice-1 "
                          "row with the best mean **test** Dice, an upper bound for a tuned fixed ε (as in the thesis).")
-    if ZERO_EPS_LABEL in labels:
+    if ZERO_EPS_LABEL in set(table["label"]):
         footnotes.append(f"`{ZERO_EPS_LABEL}` is the PolyDice ε = 0 baseline.")
-    for note in footnotes:
-        md += [note, ""]
-    md += ["## Plots", "", "![Test Dice per method](dice_per_method.png)", ""]
-    if eps.empty:
-        md += ["Note: no adaptive run with ε refreshes, so no ε-against-difficulty plot.", ""]
-    else:
-        md += ["ε against difficulty at each adaptive run's last refresh (training images):", "",
-               "![ε against difficulty](eps_vs_difficulty.png)", ""]
-    if optuna_storage and study_name:
-        md += optuna_section(optuna_storage, study_name, out_dir)
+    return footnotes
+
+
+def make_report(
+    results_dirs: list[Path],
+    out_dir: Path,
+    *,
+    optuna_storage: str | None = None,
+    study_names: list[str] | None = None,
+    study_name: str | None = None,
+    reference: str | None = None,
+    best_config: Path | None = None,
+) -> Path:
+    """Write ``table.md``, ``table.csv`` and the plots of the tested runs below ``results_dirs``.
+
+    Args:
+        results_dirs: run folders or Tune experiment folders (see :func:`collect_runs`).
+        out_dir: created if missing.
+        optuna_storage: storage URL of the search's Optuna studies, for their history and importances.
+        study_names: the studies to show (``<study>-fold0``, … under nested cross-validation); with
+            ``optuna_storage`` and ``best_config`` and no names, the studies that best_config.json names.
+        study_name: one study, added to ``study_names`` (the earlier single-study argument).
+        reference: label the paired tests compare against (default: see :func:`choose_reference`).
+        best_config: the search's ``best_config.json``, for the "Best configuration per fold"
+            section and ``best_config_per_fold.csv``; a malformed file is listed under Warnings.
+
+    Returns:
+        The path of ``table.md``.
+
+    Raises:
+        ValueError: no results folder, a missing one, one without tested runs, an unknown reference,
+            or study names without ``optuna_storage``.
+    """
+    if not results_dirs:
+        raise ValueError("no results folders given")
+    names = list(study_names or []) + ([study_name] if study_name else [])
+    if names and not optuna_storage:
+        raise ValueError(f"study names {names} given without optuna_storage")
+    out_dir = Path(out_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runs = collect_runs(results_dirs)
+        reference = choose_reference(runs["label"], reference)
+        per_image = load_per_image(runs)
+        units = pairing_units(per_image)
+        table = summarize(runs)
+        common, hardest = common_hardest(per_image)
+        hard_dice, hard_sets, no_hard_set = dice_loss_hardest(per_image)
+        no_hard_set.update({d: "no per-image results" for d in runs["dataset"].unique() if d not in units})
+        table = table.merge(common, on=["dataset", "label"], how="left")
+        table = table.merge(hard_dice, on=["dataset", "label"], how="left")
+        table = table.merge(paired_tests(runs, per_image, reference, hard_sets), on=["dataset", "label"], how="left")
+        table["pair_unit"] = table["dataset"].map(lambda d: units.get(d, {}).get("unit", ""))
+        table = add_oracle(table)
+        header, per_fold = load_best_config(best_config) if best_config is not None else ({}, pd.DataFrame())
+        if optuna_storage and not names and not per_fold.empty:
+            names = [n for n in per_fold["study_name"] if isinstance(n, str)]
+
+        for column in ("n_hardest_common", "dice_loss_hard_n_images"):
+            table[column] = table[column].fillna(0).astype(int)
+        table = table.sort_values(["dataset", "oracle", "dice_mean"], ascending=[True, True, False], kind="stable")
+        table = table.reset_index(drop=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        table[TABLE_COLUMNS].to_csv(out_dir / "table.csv", index=False)
+
+        plot_dice_per_method(runs, out_dir / "dice_per_method.png")
+        eps = epsilon_at_last_refresh(runs)
+        if not eps.empty:
+            plot_eps_vs_difficulty(eps, out_dir / "eps_vs_difficulty.png")
+
+        md = ["# PolyDice study report", ""]
+        labels = sorted(runs["label"].unique())
+        md.append(f"Compared: {len(labels)} methods ({', '.join(f'`{x}`' for x in labels)}), results from "
+                  + ", ".join(f"`{d}`" for d in results_dirs) + ".")
+        md.append("")
+        for dataset, sub in runs.groupby("dataset"):
+            folds = sorted(sub["fold"].unique())
+            unit = units.get(dataset)
+            paired = ("no per-image results, no paired tests" if unit is None else
+                      f"paired per image (n = {_count(unit['n_units'], 'image')})" if unit["unit"] == "image" else
+                      f"{unit['n_units']} video sequences, paired per video sequence "
+                      f"(n = {_count(unit['n_units'], 'sequence')})")
+            md.append(f"- `{dataset}`: {len(folds)} folds ({', '.join(map(str, folds))}), "
+                      f"{unit['n_images'] if unit else 0} test images (every image is tested once per method "
+                      f"across its folds), {len(sub)} runs; {paired}.")
+        md.append("")
+        if reference is None:
+            md.append("No adaptive run: no paired tests (pass --reference LABEL).")
+        else:
+            fold = single_fold_of(reference)
+            md.append(f"Reference of the paired tests: `{reference}`."
+                      + (f" It was searched and tested on fold {fold} only (a single-fold search): the paired "
+                         f"tests use fold {fold}'s test images alone." if fold is not None else ""))
+        md.append("")
+        for dataset, sub in table.groupby("dataset"):
+            if table["dataset"].nunique() > 1:
+                md += [f"## {dataset}", ""]
+            md += _markdown_table(sub, reference, units.get(dataset, {}).get("unit", "image"),
+                                  no_hard_set.get(dataset)) + [""]
+        for note in _footnotes(table, runs, reference, units, hardest, hard_sets, no_hard_set):
+            md += [note, ""]
+        if best_config is not None:
+            md += best_config_section(best_config, header, per_fold, out_dir)
+        md += ["## Plots", "", "![Test Dice per method](dice_per_method.png)", ""]
+        if eps.empty:
+            md += ["Note: no adaptive run with ε refreshes, so no ε-against-difficulty plot.", ""]
+        else:
+            md += ["ε against difficulty at each adaptive run's last refresh (training images):", "",
+                   "![ε against difficulty](eps_vs_difficulty.png)", ""]
+        if optuna_storage and names:
+            md += optuna_section(optuna_storage, names, out_dir)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    notes = [str(w.message) for w in caught if issubclass(w.category, ReportWarning)]
     if notes:
         md += ["## Warnings", ""] + [f"- {note}" for note in notes] + [""]
     path = out_dir / "table.md"
@@ -581,20 +1060,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", nargs="+", type=Path, required=True, help="run or Tune experiment folders")
     p.add_argument("--out", type=Path, required=True, help="folder of table.md, table.csv and the plots")
-    p.add_argument("--optuna-storage", default=None, help="storage URL of the search study (with --study-name)")
-    p.add_argument("--study-name", default=None, help="name of the Optuna study of the search")
-    p.add_argument("--reference", default=None, help="label of the paired tests' reference (default: adaptive-tuned)")
+    p.add_argument("--optuna-storage", default=None,
+                   help="storage URL of the search's Optuna studies (with --study-name or --best-config)")
+    p.add_argument("--study-name", action="append", default=None,
+                   help="an Optuna study of the search; repeat it for the per-fold studies of a nested search "
+                        "(--study-name adaptive-fold0 --study-name adaptive-fold1 ...). Without it, "
+                        "--optuna-storage shows the studies that --best-config names")
+    p.add_argument("--best-config", type=Path, default=None,
+                   help="the search's best_config.json: a table of the best configuration per fold and its spread")
+    p.add_argument("--reference", default=None,
+                   help="label of the paired tests' reference (default: adaptive-tuned, else adaptive-tuned-fold<F>, "
+                        "else adaptive-thesis, else the first adaptive* label)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if bool(args.optuna_storage) != bool(args.study_name):
-        print("error: --optuna-storage and --study-name go together", file=sys.stderr)
+    if args.study_name and not args.optuna_storage:
+        print("error: --study-name needs --optuna-storage", file=sys.stderr)
+        return 2
+    if args.optuna_storage and not (args.study_name or args.best_config):
+        print("error: --optuna-storage needs --study-name or --best-config (which names the studies)", file=sys.stderr)
         return 2
     try:
         path = make_report(args.results, args.out, optuna_storage=args.optuna_storage,
-                           study_name=args.study_name, reference=args.reference)
+                           study_names=args.study_name, reference=args.reference, best_config=args.best_config)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -59,18 +59,26 @@ def image_difficulty(label: str) -> np.ndarray:
 
 
 def write_run(folder: Path, label: str, fold: int, *, dice: np.ndarray | None = None, mtime: float | None = None,
-              refreshes: tuple[int, ...] = (), dataset: str = "synthetic") -> Path:
-    """A run folder as polydice.train writes it (summary.json, per_image.csv, epsilon.csv, history.csv)."""
+              refreshes: tuple[int, ...] = (), dataset: str = "synthetic", groups: np.ndarray | None = None,
+              config: dict | None = None) -> Path:
+    """A run folder as polydice.train writes it (summary.json, per_image.csv, epsilon.csv, history.csv).
+
+    ``groups``: the group of each test image (default: the image itself, as on Kvasir-SEG);
+    ``groups=False`` writes an older per_image.csv without the column. ``config`` adds config fields.
+    """
     method, eps, *_ = METHODS[label]
     test_idx = np.arange(fold * PER_FOLD, (fold + 1) * PER_FOLD)
     dice = image_dice(label)[test_idx] if dice is None else dice
     difficulty = image_difficulty(label)[test_idx]
     folder.mkdir(parents=True, exist_ok=True)
     per_image = pd.DataFrame({
-        "index": test_idx, "name": [f"img{i}" for i in test_idx], "group": test_idx // 2, "dice": dice,
+        "index": test_idx, "name": [f"img{i}" for i in test_idx],
+        "group": test_idx if groups is None or groups is False else groups, "dice": dice,
         "iou": dice - 0.1, "precision": 0.9, "recall": 0.8, "nsd": 0.7, "nll": 0.2, "brier": 0.05,
         "difficulty": difficulty, "lesion_fraction": 0.1,
     })
+    if groups is False:
+        per_image = per_image.drop(columns="group")
     per_image.to_csv(folder / "per_image.csv", index=False)
     train_idx = np.setdiff1d(np.arange(N_IMAGES), test_idx)
     eps_rows = [pd.DataFrame({"epoch": e, "index": train_idx, "difficulty": 0.1 * e + train_idx / 100,
@@ -80,7 +88,7 @@ def write_run(folder: Path, label: str, fold: int, *, dice: np.ndarray | None = 
     pd.DataFrame({"epoch": [1], "train_loss": [0.5], "val_dice": [0.7]}).to_csv(folder / "history.csv", index=False)
     summary = {
         "config": {"dataset": dataset, "method": method, "eps": eps, "tag": label, "fold": fold, "folds": FOLDS,
-                   "split_seed": 0, "seed": 0},
+                   "split_seed": 0, "seed": 0, **(config or {})},
         "val_dice": 0.7, "best_epoch": 3, "n_train": 12, "n_val": 4, "n_test": PER_FOLD, "n_groups": 10,
         "test_dice": float(dice.mean()), "test_iou": float(dice.mean() - 0.1), "test_precision": 0.9,
         "test_recall": 0.8, "test_nsd": 0.7, "test_nll": 0.2, "test_brier": 0.05,
@@ -296,19 +304,25 @@ def toy_study(url: str, name: str, trials: int) -> None:
                    n_trials=trials)
 
 
-def test_optuna_search_history_and_importances(study, tmp_path):
+def test_optuna_search_history_and_importances_per_study(study, tmp_path):
     dirs, *_ = study
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = f"sqlite:///{tmp_path / 'search.db'}"
-    toy_study(url, "adaptive", 8)
+    toy_study(url, "adaptive-fold0", 8)
+    toy_study(url, "adaptive-fold1", 6)
     out = tmp_path / "out"
-    md = report.make_report(dirs, out, optuna_storage=url, study_name="adaptive").read_text()
-    for name in ("search_history.png", "importances.png"):
-        assert (out / name).read_bytes().startswith(b"\x89PNG")
+    md = report.make_report(dirs, out, optuna_storage=url, study_names=["adaptive-fold0", "adaptive-fold1"]).read_text()
+    for fold in (0, 1):
+        for name in (f"search_history_adaptive-fold{fold}.png", f"importances_adaptive-fold{fold}.png"):
+            assert (out / name).read_bytes().startswith(b"\x89PNG")
+            assert f"]({name})" in md
     importances = pd.read_csv(out / "importances.csv")
+    assert set(importances["study"]) == {"adaptive-fold0", "adaptive-fold1"}
     assert set(importances["param"]) == {"k", "q"}
-    assert importances["importance"].sum() == pytest.approx(1.0)
-    assert "8 trials, 8 completed" in md and "](importances.png)" in md
+    assert importances.groupby("study")["importance"].sum().to_numpy() == pytest.approx([1.0, 1.0])
+    assert "- `adaptive-fold0`: 8 trials, 8 completed; best " in md
+    assert "- `adaptive-fold1`: 6 trials, 6 completed; best " in md
+    assert "| Study | `k` | `q` |" in md
 
 
 def test_optuna_single_trial_gives_a_note_instead_of_importances(study, tmp_path):
@@ -318,11 +332,13 @@ def test_optuna_single_trial_gives_a_note_instead_of_importances(study, tmp_path
     toy_study(url, "one", 1)
     out = tmp_path / "out"
     md = report.make_report(dirs, out, optuna_storage=url, study_name="one").read_text()
-    assert (out / "search_history.png").exists()
+    assert (out / "search_history_one.png").exists()
     assert not (out / "importances.csv").exists()
-    assert "Note: no parameter importances" in md
-    md = report.make_report(dirs, out, optuna_storage=url, study_name="missing").read_text()
-    assert "could not be loaded" in md
+    assert "no parameter importances (1 completed trial)" in md
+    md = report.make_report(dirs, out, optuna_storage=url, study_names=["missing"]).read_text()
+    assert "`missing`: the study could not be loaded" in md
+    with pytest.raises(ValueError, match="without optuna_storage"):
+        report.make_report(dirs, out, study_names=["one"])
 
 
 def test_bad_input(tmp_path, capsys):
