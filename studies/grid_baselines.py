@@ -27,8 +27,19 @@ from polydice.tune import make_trainable, restore_or_create, run_config, storage
 FIXED_EPS = [round(-0.3 + 0.1 * i, 1) for i in range(9)]  # -0.3 ... 0.5
 
 
-def method_specs(methods: list[str] | None = None) -> list[dict]:
-    """One TrainConfig override dict per method of the grid, each with its report label."""
+# Not in the default grid: PolyDice-1 with the thesis's printed scale s = 2<p,y>/(|p|²+|y|²), the
+# ablation of the two readings of s (``--methods polydice-inner-eps+0.0 adaptive-thesis-inner``).
+ABLATION = [
+    {"method": "polydice", "eps": 0.0, "polydice_scale": "inner", "tag": "polydice-inner-eps+0.0"},
+    {"method": "adaptive", "polydice_scale": "inner", "tag": "adaptive-thesis-inner"},
+]
+
+
+def method_specs(methods: list[str] | None = None, scale: str = "norm") -> list[dict]:
+    """One TrainConfig override dict per method of the grid, each with its report label.
+
+    ``scale="inner"`` runs every PolyDice method with the printed scale and labels it ``-inner``.
+    """
     specs = [
         {"method": "dice", "tag": "dice"},
         {"method": "focal", "tag": "focal"},
@@ -38,21 +49,26 @@ def method_specs(methods: list[str] | None = None) -> list[dict]:
         {"method": "ce_dice", "tag": "ce_dice"},
         {"method": "adaptive", "tag": "adaptive-thesis"},
     ]
+    if scale == "inner":
+        specs = [dict(s, tag=f"{s['tag']}-inner") if s["method"] in ("polydice", "adaptive") else s for s in specs]
     if methods:
-        unknown = set(methods) - {s["tag"] for s in specs} - {s["method"] for s in specs}
+        every = specs + ABLATION
+        unknown = set(methods) - {s["tag"] for s in every} - {s["method"] for s in specs}
         if unknown:
-            raise SystemExit(f"error: unknown methods {sorted(unknown)}; valid: {[s['tag'] for s in specs]}")
-        specs = [s for s in specs if s["tag"] in methods or s["method"] in methods]
+            raise SystemExit(f"error: unknown methods {sorted(unknown)}; valid: {[s['tag'] for s in every]}")
+        specs = [s for s in every if s["tag"] in methods or (s in specs and s["method"] in methods)]
     return specs
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     study_cli.add_common_flags(p)
-    p.add_argument("--name", default="baselines", help="name of the Tune experiment")
-    p.add_argument("--methods", nargs="*", default=None, help="subset of the grid by tag or method name")
+    p.add_argument("--name", default="baselines", help="name of the Tune experiment (default: baselines)")
+    p.add_argument("--methods", nargs="*", default=None,
+                   help="subset of the grid by tag or method name; the scale ablation's tags "
+                        f"({', '.join(s['tag'] for s in ABLATION)}) only run when named (default: the whole grid)")
     p.add_argument("--fold-list", type=int, nargs="*", default=None, help="subset of folds (default: all)")
-    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=0, help="extra checkpoints every N epochs (default: 0)")
     p.add_argument("--no-report", action="store_true", help="skip writing the table at the end")
     return p
 
@@ -60,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     base = study_cli.base_config(args)
-    specs = method_specs(args.methods)
+    specs = method_specs(args.methods, args.polydice_scale)
     folds = args.fold_list if args.fold_list is not None else list(range(base.folds))
     exp_path = f"{storage_uri(args.storage_path)}/{args.name}"
     if not args.resume and tune.Tuner.can_restore(exp_path):

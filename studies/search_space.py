@@ -25,12 +25,18 @@ def search_ranges(epochs: int) -> dict:
 
 
 class AdaptiveSpace:
-    """Define-by-run space: ε_max is drawn above ε_min, so every proposal has ε_min < ε_max."""
+    """Define-by-run space: ε_max is drawn above ε_min, so every proposal has ε_min < ε_max.
 
-    def __init__(self, epochs: int):
+    ``constants`` (e.g. the outer fold a nested search belongs to) are added to every proposal
+    without being searched: Ray's OptunaSearch merges a define-by-run function's returned dict
+    into the trial's config.
+    """
+
+    def __init__(self, epochs: int, constants: dict | None = None):
         self.epochs = epochs
+        self.constants = dict(constants or {})
 
-    def __call__(self, trial: optuna.Trial) -> None:
+    def __call__(self, trial: optuna.Trial) -> dict | None:
         r = search_ranges(self.epochs)
         trial.suggest_float("k", *r["k"], log=True)
         trial.suggest_float("q", *r["q"])
@@ -39,6 +45,7 @@ class AdaptiveSpace:
         eps_min = trial.suggest_float("eps_min", *r["eps_min"])
         low, high = r["eps_max_above_min"]
         trial.suggest_float("eps_max", eps_min + low, eps_min + high)
+        return dict(self.constants) or None
 
 
 def thesis_point(epochs: int) -> dict:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from polydice.config import DATASETS, TrainConfig  # noqa: E402
+from polydice.config import DATASETS, SCALES, TrainConfig  # noqa: E402
 
 # --smoke: tiny everything, a first look in a few minutes on a laptop CPU.
 SMOKE = dict(epochs=3, image_size=32, base_channels=4, n_synthetic=40, mc_samples=3, batch_size=8, e0=1, tau=1)
@@ -44,13 +45,16 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mc-samples", type=int, default=None)
     g.add_argument("--folds", type=int, default=5)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--polydice-scale", choices=SCALES, default="norm",
+                   help="PolyDice scale s: 'norm' is thesis Eq. 2 (Dice = s·cos θ), 'inner' the thesis's printed "
+                        "formula, an ablation (default: norm)")
     g.add_argument("--smoke", action="store_true", help="tiny everything: a first look in a few minutes on a CPU")
 
 
 def base_config(args: argparse.Namespace, **extra) -> TrainConfig:
     """The fixed part of every trial's config: thesis defaults, then --smoke, then explicit flags."""
     values: dict = dict(dataset=args.dataset, data_dir=args.data_dir, sequence_csv=args.sequence_csv,
-                        folds=args.folds, seed=args.seed)
+                        folds=args.folds, seed=args.seed, polydice_scale=args.polydice_scale)
     if args.dataset == "synthetic":
         # The embedded set is small; 64 px and a slim U-Net keep a CPU study to minutes per trial.
         values.update(image_size=64, base_channels=16, epochs=30, batch_size=16)
@@ -61,6 +65,11 @@ def base_config(args: argparse.Namespace, **extra) -> TrainConfig:
             values[flag] = getattr(args, flag)
     values.update(extra)
     return TrainConfig.from_dict(values)
+
+
+def redact(url: str) -> str:
+    """A storage URL without its password, for anything printed or written."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 def detect_gpus(mode: str) -> float:

@@ -1,28 +1,36 @@
-"""Optuna search of the adaptive controller (k, q, E0, τ, ε_min, ε_max) with Ray Tune.
+"""Nested Optuna search of the adaptive controller (k, q, E0, τ, ε_min, ε_max) with Ray Tune.
 
     python studies/tune_adaptive.py --num-gpus 8                      # on a Ray cluster (RAY_ADDRESS)
     python studies/tune_adaptive.py --smoke                           # a first look on a laptop CPU
     python studies/tune_adaptive.py --num-gpus 8 --resume             # continue an interrupted study
 
-1. Search: ``--num-samples`` trials on the search fold's training part, each scored by its best
-   **validation** Dice (the fold's inner validation split). The test part is never read. The
-   thesis configuration (k = 2, q = 25, E0 = 10, τ = 10, ε ∈ [0, 0.5]) is evaluated first.
-   Optuna's multivariate TPE proposes the rest; the study lives in a database (SQLite in the results
-   folder by default, PostgreSQL with ``--optuna-storage postgresql://...``) and survives the run.
-2. Final: the best configuration(s) re-run on every fold, now tested (labelled ``adaptive-tuned``).
-3. Report: the table of the final runs (and of any baseline grid passed with ``--compare``).
+1. Search, nested in the cross-validation: for every outer fold f, ``--num-samples`` trials on f's
+   training part only, each scored by its best **validation** Dice on f's inner validation split.
+   No image that fold f tests on is read by f's search. One Optuna study per fold, named
+   ``<study>-fold<f>``, in one database (SQLite in the results folder by default, PostgreSQL with
+   ``--optuna-storage postgresql://...``). The thesis configuration (k = 2, q = 25, E0 = 10,
+   τ = 10, ε ∈ [0, 0.5]) is evaluated first in each; Optuna's multivariate TPE proposes the rest.
+   ``--search-fold F`` searches fold F alone (then only fold F is tested).
+2. Final: fold f's best configuration re-run on fold f and tested on its test part (labelled
+   ``adaptive-tuned``; ``adaptive-tuned-fold<F>`` for a single-fold search).
+3. Report: the table of the final runs (and of any baseline grid passed with ``--compare``), with
+   each fold's best configuration and how much they differ.
 
 Layout under ``--storage-path`` (default ``results/``)::
 
-    <study>/          Tune experiment of the search (one folder per trial, TensorBoard events)
+    <study>-fold<f>/  Tune experiment of fold f's search (one folder per trial, TensorBoard events)
     <study>-final/    Tune experiment of the final runs
-    <study>-optuna.db Optuna study (unless --optuna-storage)
-    <study>-report/   best_config.json, table.md, table.csv, plots
+    <study>-optuna.db Optuna studies <study>-fold<f> (unless --optuna-storage)
+    <study>-report/   best_config.json (best configuration per fold), table.md, table.csv, plots
+
+``--resume`` continues whichever fold's search or final run was interrupted; a fold whose search
+finished (it is in best_config.json) is not searched again.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -45,14 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     study_cli.add_common_flags(p)
     g = p.add_argument_group("search")
-    g.add_argument("--num-samples", type=int, default=None, help="trials of the search (default 32; 3 with --smoke)")
-    g.add_argument("--study-name", default="adaptive", help="name of the Tune experiment and the Optuna study")
-    g.add_argument("--optuna-storage", default=None, help="SQLAlchemy URL of the Optuna study (default: SQLite file in --storage-path)")
-    g.add_argument("--scheduler", choices=("none", "asha"), default="none", help="ASHA early stopping; its grace period covers the largest E0")
-    g.add_argument("--search-fold", type=int, default=0, help="fold whose training part the search uses (its test part is never read)")
-    g.add_argument("--final-top", type=int, default=1, help="re-run the best N configurations on every fold (0: skip)")
+    g.add_argument("--num-samples", type=int, default=None,
+                   help="trials of each fold's search (default: 32; 3 with --smoke)")
+    g.add_argument("--study-name", default="adaptive",
+                   help="prefix of the Tune experiments and Optuna studies (default: adaptive)")
+    g.add_argument("--optuna-storage", default=None,
+                   help="SQLAlchemy URL of the Optuna studies (default: a SQLite file in --storage-path)")
+    g.add_argument("--scheduler", choices=("none", "asha"), default="none",
+                   help="ASHA early stopping; its grace period covers the largest E0 (default: none)")
+    g.add_argument("--search-fold", type=int, default=None,
+                   help="search and test this outer fold only (default: every fold, nested)")
+    g.add_argument("--final-top", type=int, default=1,
+                   help="re-run each fold's best N configurations on that fold and test them (0: skip; default: 1)")
     g.add_argument("--compare", nargs="*", default=[], help="baseline grid result folders to put in the table")
-    g.add_argument("--checkpoint-every", type=int, default=0, help="extra checkpoints every N epochs (refreshes always checkpoint)")
+    g.add_argument("--checkpoint-every", type=int, default=0,
+                   help="extra checkpoints every N epochs (refreshes always checkpoint; default: 0)")
     return p
 
 
@@ -67,19 +82,111 @@ def open_study(url: str, name: str) -> tuple[optuna.storages.BaseStorage, int]:
     return storage, done
 
 
+def tuned_tag(args: argparse.Namespace, rank: int) -> str:
+    """Report label of a final run: ``adaptive-tuned`` (nested), ``adaptive-tuned-fold<F>`` (one
+    fold searched), ``-<rank>`` for the runner-up configurations, ``-inner`` for the printed scale."""
+    tag = "adaptive-tuned" if args.search_fold is None else f"adaptive-tuned-fold{args.search_fold}"
+    if rank > 0:
+        tag += f"-{rank + 1}"
+    return tag + ("-inner" if args.polydice_scale == "inner" else "")
+
+
+def read_best(path: Path) -> dict:
+    """best_config.json of an earlier run of this study ({} when there is none)."""
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"error: {path} is unreadable ({exc}); move it away to search again")
+
+
+def search_fold(args, fold: int, base, trainable, optuna_url: str, num_samples: int, concurrent: int,
+                resume: bool) -> dict:
+    """Fold ``fold``'s search; returns its best_config.json entry (None when no trial finished)."""
+    name = f"{args.study_name}-fold{fold}"
+    path = f"{storage_uri(args.storage_path)}/{name}"
+    storage, finished = open_study(optuna_url, name)
+    if finished:
+        print(f"optuna: continuing study {name!r} with {finished} finished trials")
+    searcher = OptunaSearch(
+        space=AdaptiveSpace(base.epochs, constants={"fold": fold}),
+        metric=METRIC,
+        mode=MODE,
+        points_to_evaluate=[] if finished else [thesis_point(base.epochs)],
+        sampler=optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=args.seed + fold),
+        study_name=name,
+        storage=storage,
+    )
+    scheduler = None
+    if args.scheduler == "asha":
+        # No trial is stopped before its adaptive phase has begun: the first rung lies past the
+        # largest E0 the search can propose.
+        grace = min(base.epochs, search_ranges(base.epochs)["e0"][1] + 1)
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=base.epochs, grace_period=grace, reduction_factor=3)
+
+    def new_search() -> tune.Tuner:
+        return tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
+                                        num_samples=num_samples, max_concurrent_trials=concurrent or None),
+            run_config=run_config(name, args.storage_path, max_failures=args.max_failures),
+        )
+
+    print(f"search: fold {fold}, {num_samples} trials on its training part (study {name!r})")
+    results = restore_or_create(path, trainable, new_search, resume and tune.Tuner.can_restore(path)).fit()
+    if results.errors:
+        print(f"search: fold {fold}: {len(results.errors)} trials failed: {results.errors[0]}", file=sys.stderr)
+    study = optuna.load_study(study_name=name, storage=storage)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
+    if not complete:
+        return None
+    ranked = sorted(complete, key=lambda t: t.value, reverse=True)[: max(1, args.final_top)]
+    print(f"search: fold {fold}: {len(complete)} finished trials, best validation Dice {ranked[0].value:.4f} "
+          f"with {ranked[0].params}")
+    return {
+        "study_name": name,
+        "value": ranked[0].value,
+        "params": ranked[0].params,
+        "optuna_trial": ranked[0].number,
+        "n_trials": len(study.trials),
+        "n_complete": len(complete),
+        "n_errors": len(results.errors),
+        "top": [{"value": t.value, "params": t.params, "optuna_trial": t.number} for t in ranked],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     num_samples = args.num_samples or (3 if args.smoke else 32)
-    base = study_cli.base_config(args, method="adaptive", fold=args.search_fold, tag="adaptive-search")
+    base = study_cli.base_config(args, method="adaptive", tag="adaptive-search")
+    if args.search_fold is not None and not 0 <= args.search_fold < base.folds:
+        print(f"error: --search-fold must be in [0, {base.folds}), got {args.search_fold}", file=sys.stderr)
+        return 2
+    folds = list(range(base.folds)) if args.search_fold is None else [args.search_fold]
     paths = StudyPaths(Path(args.storage_path) if "://" not in args.storage_path else Path("."), args.study_name)
-    search_path = f"{storage_uri(args.storage_path)}/{args.study_name}"
     final_name = f"{args.study_name}-final"
+    final_path = f"{storage_uri(args.storage_path)}/{final_name}"
     report_dir = Path(args.storage_path) / f"{args.study_name}-report"
-    if not args.resume and tune.Tuner.can_restore(search_path):
-        print(f"error: a study named {args.study_name!r} already exists at {search_path}; "
+    best_path = report_dir / "best_config.json"
+    experiments = [f"{storage_uri(args.storage_path)}/{args.study_name}-fold{f}" for f in folds] + [final_path]
+    existing = [e for e in experiments if tune.Tuner.can_restore(e)]
+    if not args.resume and existing:
+        print(f"error: a study named {args.study_name!r} already exists ({existing[0]}); "
               "pass --resume to continue it or choose another --study-name", file=sys.stderr)
         return 2
     Path(args.storage_path).mkdir(parents=True, exist_ok=True) if "://" not in args.storage_path else None
+
+    optuna_url = args.optuna_storage or paths.sqlite_url
+    protocol = "nested" if args.search_fold is None else "single-fold"
+    best = read_best(best_path) if args.resume else {}
+    if best and best.get("protocol") != protocol:
+        print(f"error: {best_path} holds a {best.get('protocol')} search, not a {protocol} one; "
+              "resume with the same --search-fold or choose another --study-name", file=sys.stderr)
+        return 2
+    best.update(metric=f"{METRIC}: a trial's best validation Dice on its outer fold's inner validation split",
+                protocol=protocol, optuna_storage=study_cli.redact(optuna_url), base=base.to_dict())
+    best.setdefault("folds", {})
 
     t0 = time.time()
     data = load_data(base)  # decoded once here, shared with every trial through the object store
@@ -90,96 +197,72 @@ def main(argv: list[str] | None = None) -> int:
     concurrent = study_cli.max_concurrent(args, gpus)
     print(f"ray: {mode}, {args.num_gpus:g} GPUs for the study, {cpus:g} CPU + {gpus:g} GPU per trial, "
           f"at most {concurrent or 'as many as fit'} trials at once")
+    print(f"protocol: {protocol} ({'every fold searched on its own training part' if protocol == 'nested' else f'fold {folds[0]} only'}), "
+          f"{num_samples} trials per fold, Optuna storage {study_cli.redact(optuna_url)}")
 
-    optuna_url = args.optuna_storage or paths.sqlite_url
-    storage, finished = open_study(optuna_url, args.study_name)
-    points = [] if finished else [thesis_point(base.epochs)]
-    if finished:
-        print(f"optuna: continuing study {args.study_name!r} with {finished} finished trials")
-    searcher = OptunaSearch(
-        space=AdaptiveSpace(base.epochs),
-        metric=METRIC,
-        mode=MODE,
-        points_to_evaluate=points,
-        sampler=optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=args.seed),
-        study_name=args.study_name,
-        storage=storage,
-    )
-    scheduler = None
-    if args.scheduler == "asha":
-        # No trial is stopped before its adaptive phase has begun: the first rung lies past the
-        # largest E0 the search can propose.
-        grace = min(base.epochs, search_ranges(base.epochs)["e0"][1] + 1)
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=base.epochs, grace_period=grace, reduction_factor=3)
-
+    # One trainable for every fold's search: the fold comes with each trial's config.
     trainable = make_trainable(base, data, cpus_per_trial=cpus, gpus_per_trial=gpus,
                                evaluate_test=False, checkpoint_every=args.checkpoint_every)
-
-    def new_search() -> tune.Tuner:
-        return tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
-                                        num_samples=num_samples, max_concurrent_trials=concurrent or None),
-            run_config=run_config(args.study_name, args.storage_path, max_failures=args.max_failures),
-        )
-
-    try:
-        tuner = restore_or_create(search_path, trainable, new_search, args.resume)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    search = tuner.fit()
-    study = optuna.load_study(study_name=args.study_name, storage=storage)
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
-    if not complete:
-        print("error: no search trial finished; see the trial errors above", file=sys.stderr)
+    failed = []
+    for fold in folds:
+        if str(fold) in best["folds"]:
+            print(f"search: fold {fold} finished earlier (best validation Dice {best['folds'][str(fold)]['value']:.4f})")
+            continue
+        try:
+            entry = search_fold(args, fold, base, trainable, optuna_url, num_samples, concurrent, args.resume)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if entry is None:
+            failed.append(fold)
+            continue
+        best["folds"][str(fold)] = entry
+        write_json(best_path, best)
+    if failed:
+        print(f"error: no search trial of fold(s) {failed} finished; see the trial errors above "
+              "(--resume retries them)", file=sys.stderr)
         return 1
-    ranked = sorted(complete, key=lambda t: t.value, reverse=True)
-    best = [dict(t.params) for t in ranked[: max(1, args.final_top)]]
-    write_json(report_dir / "best_config.json", {
-        "metric": f"{METRIC} (validation, fold {args.search_fold})",
-        "best": [{"value": t.value, "params": t.params, "optuna_trial": t.number} for t in ranked[: max(1, args.final_top)]],
-        "base": base.to_dict(),
-        "optuna_storage": optuna_url if "://" in optuna_url else optuna_url,
-        "n_trials": len(study.trials),
-    })
-    print(f"search: {len(complete)} finished trials, best validation Dice {ranked[0].value:.4f} with {ranked[0].params}")
+    print(f"best configuration per fold: {best_path}")
 
     results_dirs = []
     if args.final_top > 0:
-        final_base = base.replace(tag="adaptive-tuned")
+        final_base = base.replace(tag=tuned_tag(args, 0))
         final_trainable = make_trainable(final_base, data, cpus_per_trial=cpus, gpus_per_trial=gpus,
                                          evaluate_test=True, checkpoint_every=args.checkpoint_every)
-        overrides = [dict(params, tag="adaptive-tuned" if i == 0 else f"adaptive-tuned-{i + 1}") for i, params in enumerate(best)]
-        final_path = f"{storage_uri(args.storage_path)}/{final_name}"
+        # One run per (fold, rank): fold f's own best configurations, tested on fold f only.
+        overrides = [dict(top["params"], fold=fold, tag=tuned_tag(args, rank))
+                     for fold in folds for rank, top in enumerate(best["folds"][str(fold)]["top"])]
 
         def new_final() -> tune.Tuner:
             return tune.Tuner(
                 final_trainable,
-                param_space={"overrides": tune.grid_search(overrides), "fold": tune.grid_search(list(range(base.folds)))},
+                param_space={"overrides": tune.grid_search(overrides)},
                 tune_config=tune.TuneConfig(max_concurrent_trials=concurrent or None),
                 run_config=run_config(final_name, args.storage_path, max_failures=args.max_failures),
             )
 
-        final = restore_or_create(final_path, final_trainable, new_final, args.resume and tune.Tuner.can_restore(final_path)).fit()
+        print(f"final: {len(overrides)} runs, each fold's best configuration tested on that fold")
+        final = restore_or_create(final_path, final_trainable, new_final,
+                                  args.resume and tune.Tuner.can_restore(final_path)).fit()
         errors = [r.error for r in final if r.error]
         if errors:
             print(f"error: {len(errors)} final runs failed: {errors[0]}", file=sys.stderr)
             return 1
         results_dirs.append(Path(args.storage_path) / final_name)
 
-    print(f"best configuration: {report_dir / 'best_config.json'}")
     if results_dirs or args.compare:
         import report
 
         table = report.make_report(results_dirs + [Path(p) for p in args.compare], report_dir,
-                                   optuna_storage=optuna_url, study_name=args.study_name)
+                                   optuna_storage=optuna_url, best_config=best_path,
+                                   study_names=[best["folds"][str(f)]["study_name"] for f in folds])
         print(f"table: {table}")
     else:  # --final-top 0 and nothing to compare: no tested run, so no table
         print("table: none (--final-top 0 and no --compare: no tested runs)")
     print(f"tensorboard --logdir {args.storage_path}")
     print(f"done in {time.time() - t0:.0f}s")
-    return 0 if not search.errors else 1
+    # A failed search trial leaves the study usable but is reported (exit 1), as Tune reports it.
+    return 1 if any(best["folds"][str(f)].get("n_errors") for f in folds) else 0
 
 
 if __name__ == "__main__":

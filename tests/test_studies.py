@@ -204,13 +204,13 @@ class TestTwoNodeCluster:
         env = rf.ray_env(c["tmp"])
         rc, out = rf.run_study(
             ["tests/ray_fixtures.py", "tune_adaptive", "--address", c["cluster"].address, *SMOKE_ARGS,
-             "--num-samples", "2", "--final-top", "0", "--storage-path", str(storage)],
+             "--num-samples", "2", "--search-fold", "0", "--final-top", "0", "--storage-path", str(storage)],
             env, tmp_path / "study.log", STUDY_TIMEOUT)
         assert rc == 0, out[-8000:]
         assert "ray: cluster" in out, out[-8000:]
-        counts = _optuna_counts(f"sqlite:///{storage / 'adaptive-optuna.db'}", "adaptive")
+        counts = _optuna_counts(f"sqlite:///{storage / 'adaptive-optuna.db'}", "adaptive-fold0")
         assert counts.get("COMPLETE") == 2, counts
-        probes = rf.read_probes(storage / "adaptive")
+        probes = rf.read_probes(storage / "adaptive-fold0")
         assert len(probes) == 2
         nodes = {p["node_id"] for p in probes}
         assert nodes <= set(c["nodes"]), (nodes, c["nodes"])
@@ -303,46 +303,61 @@ def _sqlite_complete(db: Path) -> int:
         return 0
 
 
+def _best_folds(storage: Path) -> dict:
+    try:
+        return json.loads((storage / "adaptive-report" / "best_config.json").read_text())["folds"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
 def test_killed_study_resumes_without_retraining_finished_trials(ray_tmpdir, tmp_path):
-    """SIGKILL the driver (and its whole local Ray) after 2 of 4 search trials, then ``--resume``:
-    the study ends with exactly 4 finished Optuna trials, the 2 finished trials are not trained
-    again, and the resumed run exits 0."""
+    """SIGKILL the driver (and its whole local Ray) while fold 1's search runs, after fold 0's
+    search and one of fold 1's trials finished; then ``--resume``: fold 0 is not searched again,
+    fold 1's study ends with exactly its trials, no finished trial is trained again, and the
+    resumed run exits 0."""
     storage = tmp_path / "results"
     db = storage / "adaptive-optuna.db"
-    num_samples, epochs = 4, 3
-    args = ["studies/tune_adaptive.py", *SMOKE_ARGS, "--num-samples", str(num_samples), "--max-concurrent", "1",
-            "--final-top", "0", "--storage-path", str(storage)]
+    num_samples, epochs = 3, 3
+    args = ["studies/tune_adaptive.py", *SMOKE_ARGS, "--folds", "2", "--num-samples", str(num_samples),
+            "--max-concurrent", "1", "--final-top", "0", "--storage-path", str(storage)]
     env = rf.ray_env(ray_tmpdir)
     first = rf.StudyProcess(args, env, tmp_path / "first.log")
     try:
         deadline = time.monotonic() + STUDY_TIMEOUT
-        while _sqlite_complete(db) < 2 and time.monotonic() < deadline:
+        while not ("0" in _best_folds(storage) and _sqlite_complete(db) >= num_samples + 1) \
+                and time.monotonic() < deadline:
             assert first.proc.poll() is None, f"the study ended before it was killed:\n{first.tail()}"
             first.remember_children()
             time.sleep(0.2)
-        assert _sqlite_complete(db) >= 2, first.tail()
+        assert "0" in _best_folds(storage) and _sqlite_complete(db) >= num_samples + 1, first.tail()
     finally:
         left = first.close()  # SIGKILL: the driver and every process of its session
     assert not left, f"processes survived the kill: {left}"
-    done_before = _sqlite_complete(db)
-    assert done_before < num_samples, "the study finished before the kill: nothing to resume"
-    finished = {d.name: (d / "result.json").read_bytes() for d in _trial_dirs(storage / "adaptive")
+    done_fold1 = _optuna_counts(f"sqlite:///{db}", "adaptive-fold1").get("COMPLETE", 0)
+    assert 1 <= done_fold1 < num_samples, "fold 1's search finished before the kill: nothing to resume"
+    fold0 = {d.name: (d / "result.json").read_bytes() for d in _trial_dirs(storage / "adaptive-fold0")}
+    finished = {d.name: (d / "result.json").read_bytes() for d in _trial_dirs(storage / "adaptive-fold1")
                 if any(r.get("epoch") == epochs for r in _result_rows(d))}
-    assert len(finished) >= 2, "Tune had not written the finished trials' results"
+    assert len(fold0) == num_samples and len(finished) >= 1, "Tune had not written the finished trials' results"
 
     rc, out = rf.run_study([*args, "--resume"], env, tmp_path / "resume.log", STUDY_TIMEOUT)
     assert rc == 0, out[-8000:]
-    assert f"continuing study 'adaptive' with {done_before} finished trials" in out, out[-8000:]
-    counts = _optuna_counts(f"sqlite:///{db}", "adaptive")
+    assert "search: fold 0 finished earlier" in out, out[-8000:]
+    assert f"continuing study 'adaptive-fold1' with {done_fold1} finished trials" in out, out[-8000:]
+    assert _optuna_counts(f"sqlite:///{db}", "adaptive-fold0") == {"COMPLETE": num_samples}
+    counts = _optuna_counts(f"sqlite:///{db}", "adaptive-fold1")
     assert counts.get("COMPLETE") == num_samples, counts
     assert counts.get("RUNNING", 0) <= 1, counts  # at most the trial that was running at the kill
-    dirs = _trial_dirs(storage / "adaptive")
+    assert sorted(_best_folds(storage)) == ["0", "1"]
+    for name, before in fold0.items():
+        assert (storage / "adaptive-fold0" / name / "result.json").read_bytes() == before, f"fold 0 trial {name} ran again"
+    dirs = _trial_dirs(storage / "adaptive-fold1")
     complete = [d for d in dirs if sorted({r["epoch"] for r in _result_rows(d)}) == list(range(1, epochs + 1))]
     assert len(complete) == num_samples, [(d.name, [r["epoch"] for r in _result_rows(d)]) for d in dirs]
     # At most one more folder: a trial started just before the kill, after Tune's last snapshot.
     assert len(dirs) <= num_samples + 1, [d.name for d in dirs]
     for name, before in finished.items():
-        after = (storage / "adaptive" / name / "result.json").read_bytes()
+        after = (storage / "adaptive-fold1" / name / "result.json").read_bytes()
         assert after == before, f"trial {name} finished before the kill but was trained again"
     # Only the trial interrupted by the kill may have run epoch 1 twice (no checkpoint yet).
     epoch1 = sum(r.get("epoch") == 1 for d in dirs for r in _result_rows(d))
@@ -414,7 +429,8 @@ def finished_study(tmp_path_factory):
         assert rc == 0, out[-8000:]
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    return {"storage": storage, "num_samples": 2, "folds": 2, "url": f"sqlite:///{storage / 'adaptive-optuna.db'}"}
+    return {"storage": storage, "num_samples": 2, "folds": 2, "url": f"sqlite:///{storage / 'adaptive-optuna.db'}",
+            "studies": ["adaptive-fold0", "adaptive-fold1"]}
 
 
 # ============================================================================ 5. Optuna storages
@@ -449,34 +465,42 @@ def postgres_study(postgres_url, tmp_path_factory):
     ray_tmp = rf.short_tmpdir("pdpgs")
     try:
         rc, out = rf.run_study(
-            ["studies/tune_adaptive.py", *SMOKE_ARGS, "--num-samples", "2", "--final-top", "0",
+            ["studies/tune_adaptive.py", *SMOKE_ARGS, "--num-samples", "2", "--search-fold", "0", "--final-top", "0",
              "--optuna-storage", postgres_url, "--storage-path", str(storage)],
             rf.ray_env(ray_tmp), tmp / "tune.log", STUDY_TIMEOUT)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert rc == 0, out[-8000:]
-    return {"storage": storage, "num_samples": 2, "url": postgres_url}
+    return {"storage": storage, "num_samples": 2, "url": postgres_url, "studies": ["adaptive-fold0"]}
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_optuna_study_is_persisted(backend, request):
-    """The search's Optuna study lives in the storage it was given, with the requested trials,
-    each with a validation-Dice value and the controller's parameters."""
+    """Each outer fold's search is its own Optuna study ``adaptive-fold<f>`` in the storage it was
+    given (nested: every fold; ``--search-fold 0``: fold 0 only), with the requested trials, each
+    with a validation-Dice value and the controller's parameters."""
     study = request.getfixturevalue("finished_study" if backend == "sqlite" else "postgres_study")
     assert study["url"].startswith(backend)
-    loaded = optuna.load_study(study_name="adaptive", storage=study["url"])
-    complete = [t for t in loaded.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(loaded.trials) == len(complete) == study["num_samples"]
-    assert loaded.direction == optuna.study.StudyDirection.MAXIMIZE
-    for t in complete:
-        assert 0.0 <= t.value <= 1.0
-        assert set(t.params) == {"k", "q", "e0", "tau", "eps_min", "eps_max"}
-        assert t.params["eps_min"] < t.params["eps_max"]
-    # The thesis configuration is evaluated first.
-    assert complete[0].params["k"] == 2.0 and complete[0].params["q"] == 25.0
+    names = {s.study_name for s in optuna.get_all_study_summaries(study["url"])}
+    assert names == set(study["studies"]), names
     best = json.loads((study["storage"] / "adaptive-report" / "best_config.json").read_text())
-    assert best["n_trials"] == study["num_samples"]
-    assert max(t.value for t in complete) == best["best"][0]["value"]
+    assert best["protocol"] == ("nested" if len(study["studies"]) > 1 else "single-fold")
+    assert sorted(best["folds"]) == [name.removeprefix("adaptive-fold") for name in sorted(study["studies"])]
+    for name in study["studies"]:
+        loaded = optuna.load_study(study_name=name, storage=study["url"])
+        complete = [t for t in loaded.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        assert len(loaded.trials) == len(complete) == study["num_samples"]
+        assert loaded.direction == optuna.study.StudyDirection.MAXIMIZE
+        for t in complete:
+            assert 0.0 <= t.value <= 1.0
+            assert set(t.params) == {"k", "q", "e0", "tau", "eps_min", "eps_max"}
+            assert t.params["eps_min"] < t.params["eps_max"]
+        # The thesis configuration is evaluated first.
+        assert complete[0].params["k"] == 2.0 and complete[0].params["q"] == 25.0
+        entry = best["folds"][name.removeprefix("adaptive-fold")]
+        assert entry["study_name"] == name and entry["n_trials"] == study["num_samples"]
+        top = max(complete, key=lambda t: t.value)
+        assert (entry["value"], entry["params"]) == (top.value, top.params)
     if backend == "postgresql":
         assert not (study["storage"] / "adaptive-optuna.db").exists(), "a SQLite study was made as well"
 
@@ -511,12 +535,15 @@ def _instrumented(data: SegmentationData) -> tuple[SegmentationData, dict]:
     return SegmentationData(data.name, images, masks, data.groups, list(data.names)), {"images": images.log, "masks": masks.log}
 
 
-def test_search_never_reads_the_test_fold(monkeypatch, tmp_path):
-    """``train(evaluate_test=False)`` (what every search trial runs) reads training and validation
-    images only; with ``evaluate_test=True`` the same instrument sees the test images."""
+@pytest.mark.parametrize("fold", range(5))
+def test_search_never_reads_the_test_fold(fold, monkeypatch, tmp_path):
+    """For every outer fold f, ``train(evaluate_test=False)`` on fold f (what each trial of f's
+    search runs) reads f's training and validation images only; with ``evaluate_test=True`` the
+    same instrument sees the test images. (That fold f's search trials run on fold f is checked on
+    a real study in test_nested_search_and_final_runs_stay_in_their_fold.)"""
     import polydice.train as pt
 
-    cfg = _tiny_config(epochs=2, e0=1, tau=1)
+    cfg = _tiny_config(epochs=2, e0=1, tau=1, fold=fold)
     data = pt.load_data(cfg)
     train_idx, val_idx, test_idx = make_folds(data.groups, cfg.folds, seed=cfg.split_seed,
                                               val_fraction=cfg.val_fraction)[cfg.fold]
@@ -546,11 +573,33 @@ def test_search_never_reads_the_test_fold(monkeypatch, tmp_path):
     assert test <= read, "the instrument does not see the test reads of a tested run"
 
 
+def test_nested_search_and_final_runs_stay_in_their_fold(finished_study):
+    """Nested cross-validation on a real study: every search trial of ``adaptive-fold<f>`` trained
+    on outer fold f (so, by test_search_never_reads_the_test_fold, never read f's test images), and
+    fold f's final run used fold f's own best parameters and was tested on fold f only."""
+    storage = finished_study["storage"]
+    best = json.loads((storage / "adaptive-report" / "best_config.json").read_text())
+    for fold in range(finished_study["folds"]):
+        trials = _trial_dirs(storage / f"adaptive-fold{fold}")
+        assert len(trials) == finished_study["num_samples"]
+        for d in trials:
+            assert json.loads((d / "summary.json").read_text())["config"]["fold"] == fold, d
+    finals = {}
+    for d in _trial_dirs(storage / "adaptive-final"):
+        summary = json.loads((d / "summary.json").read_text())
+        finals[summary["config"]["fold"]] = summary
+    assert sorted(finals) == list(range(finished_study["folds"]))
+    for fold, summary in finals.items():
+        params = best["folds"][str(fold)]["params"]
+        assert {k: summary["config"][k] for k in params} == params, (fold, params)
+        assert summary["config"]["tag"] == "adaptive-tuned"
+
+
 def test_search_trials_of_the_study_are_untested(finished_study):
     """The search trials that ``tune_adaptive.py`` ran (through ``polydice.tune.training_function``)
     report and write no test metric and no per-image test file; the final runs do."""
-    search = _trial_dirs(finished_study["storage"] / "adaptive")
-    assert len(search) == finished_study["num_samples"]
+    search = [d for f in range(finished_study["folds"]) for d in _trial_dirs(finished_study["storage"] / f"adaptive-fold{f}")]
+    assert len(search) == finished_study["num_samples"] * finished_study["folds"]
     for d in search:
         summary = json.loads((d / "summary.json").read_text())
         assert summary["config"]["tag"] == "adaptive-search"
