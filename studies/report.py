@@ -918,12 +918,12 @@ def _footnotes(table: pd.DataFrame, runs: pd.DataFrame, reference: str | None, u
         f"of independence of each dataset: {unit_text}; n pairs counts those units. ΔDice is the mean over "
         "units of (method − reference) Dice, so on a per-sequence dataset every sequence weighs the same. "
         f"95 % CI: BCa bootstrap of the paired unit differences (scipy.stats.bootstrap, {BOOTSTRAP_RESAMPLES} "
-        f"resamples, seed {BOOTSTRAP_SEED}; [–] below 2 units). Wilcoxon p: two-sided signed-rank test over the "
+        f"resamples, seed {BOOTSTRAP_SEED}; [–] below 2 units or where BCa is undefined). Wilcoxon p: two-sided signed-rank test over the "
         "units (p = 1 when every difference is 0), Holm-adjusted across the methods compared against the "
         f"reference within the dataset ({family or 'no comparisons'}); the oracle row repeats its fixed-ε row "
         "and is not counted in the family. Raw p in table.csv (`wilcoxon_p`, adjusted `wilcoxon_p_holm`). "
         "Holm controls the family-wise error within one column, not across columns or metrics. Where the data "
-        "give no grouping (Kvasir-SEG publishes no patient identifiers) images count as independent.",
+        "give no grouping (Kvasir-SEG) images count as independent; images of one patient may still be correlated.",
         "⁵ Paired t-test of the per-fold mean test Dice over the shared folds (needs ≥ 3): with 5 folds it "
         "has 4 degrees of freedom, a weak test. Holm-adjusted as ⁴, a family of its own (raw in `ttest_p`).",
     ]

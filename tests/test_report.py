@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -359,3 +360,334 @@ def test_cli_prints_the_table_path(study, tmp_path, capsys):
     dirs, *_ = study
     assert report.main(["--results", *map(str, dirs), "--out", str(tmp_path / "out")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "out" / "table.md")
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def holm_by_hand(p: list[float]) -> list[float]:
+    """Holm from its definition: p_(i) → max over j <= i of min(1, (m − j + 1) p_(j)), 1-based ranks."""
+    m, order = len(p), sorted(range(len(p)), key=lambda i: p[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order, start=1):
+        running = max(running, min(1.0, (m - rank + 1) * p[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+@pytest.mark.parametrize("p, expected", [
+    ([0.01, 0.04, 0.03, 0.005], [0.03, 0.06, 0.06, 0.02]),  # step-down with a monotone correction
+    ([math.nan, 0.02, 0.5], [math.nan, 0.04, 0.5]),  # no test is no member of the family (m = 2)
+    ([0.6, 0.7], [1.0, 1.0]),  # capped at 1
+    ([0.04], [0.04]),
+    ([], []),
+])
+def test_holm_hand_worked(p, expected):
+    np.testing.assert_allclose(report.holm(p), expected, rtol=1e-12)
+
+
+def test_table_p_values_are_holm_adjusted_across_the_methods(study):
+    _, _, table, md = study
+    compared = table[~table["oracle"] & (table["label"] != "adaptive-tuned")]
+    assert len(compared) == 4
+    for column in ("wilcoxon_p", "ttest_p", "dice_loss_hard_wilcoxon_p"):
+        np.testing.assert_allclose(compared[f"{column}_holm"], holm_by_hand(list(compared[column])), rtol=1e-12)
+        assert (compared[f"{column}_holm"] >= compared[column]).all()
+    oracle, fixed = table[table["oracle"]].iloc[0], row(table, "polydice-eps+0.2")
+    assert oracle["wilcoxon_p_holm"] == fixed["wilcoxon_p_holm"]  # a copy, not a fifth member
+    assert "m = 4 in `synthetic`" in md and "oracle row repeats its fixed-ε row" in md
+    assert "No correction" not in md
+    header = [c.strip() for c in next(x for x in md.splitlines() if x.startswith("| Method")).split("|")]
+    cells = [c.strip() for c in next(x for x in md.splitlines() if x.startswith("| dice |")).split("|")]
+    dice = row(table, "dice")
+    assert dice["wilcoxon_p_holm"] > dice["wilcoxon_p"]
+    assert cells[header.index("Wilcoxon p (Holm)⁴")] == report._fmt_p(dice["wilcoxon_p_holm"])
+    assert cells[header.index("Fold t-test p (Holm)⁵")] == report._fmt_p(dice["ttest_p_holm"])
+
+
+def test_bootstrap_ci_is_bca_reproducible_and_covers_the_mean():
+    diff = np.array([0.01, 0.02, -0.01, 0.03, 0.15, 0.00, 0.04, 0.21])  # skewed: BCa ≠ percentile
+    low, high = report.bootstrap_ci(diff)
+    assert low < diff.mean() < high
+    assert report.bootstrap_ci(diff) == (low, high)
+    expected = stats.bootstrap((diff,), np.mean, n_resamples=9999, method="BCa",
+                               **{report._BOOTSTRAP_RNG: np.random.default_rng(0)}).confidence_interval
+    assert (low, high) == pytest.approx((expected.low, expected.high), rel=1e-12)
+    assert (low, high) == pytest.approx((0.01625, 0.12625), rel=1e-9)  # the BCa interval, shifted to the long tail
+
+
+def test_bootstrap_ci_edge_cases_give_no_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert all(math.isnan(v) for v in report.bootstrap_ci([]))
+        assert all(math.isnan(v) for v in report.bootstrap_ci([0.1]))
+        assert report.bootstrap_ci([0.02, 0.02, 0.02]) == (0.02, 0.02)
+
+
+def test_table_ci_brackets_the_mean_difference(study):
+    _, _, table, md = study
+    for label in list(METHODS)[1:]:
+        r = row(table, label)
+        diff = image_dice(label) - image_dice("adaptive-tuned")
+        assert (r["dice_diff_ci_low"], r["dice_diff_ci_high"]) == report.bootstrap_ci(diff)
+        assert r["dice_diff_ci_low"] < r["dice_diff_mean"] < r["dice_diff_ci_high"]
+        assert r["pair_unit"] == "image" and r["n_images_paired"] == N_IMAGES
+    r = row(table, "dice")
+    assert f"{r['dice_diff_mean']:+.4f} [{r['dice_diff_ci_low']:+.4f}, {r['dice_diff_ci_high']:+.4f}]" in md
+    assert "BCa bootstrap" in md and "9999 resamples, seed 0" in md
+
+
+# ----------------------------------------------------------------------------- CVC: per video sequence
+
+# Three folds of four CVC frames; fold f holds sequences 2f (three frames) and 2f + 1 (one frame).
+CVC_GROUPS = np.array([0, 0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 5])
+CVC_DICE = np.array([0.60, 0.70, 0.80, 0.50, 0.90, 0.55, 0.75, 0.85, 0.65, 0.95, 0.52, 0.88])
+CVC_GAIN = np.array([0.10, 0.00, 0.05, 0.02, -0.03, 0.06, 0.00, 0.03, 0.04, 0.01, 0.07, -0.02])
+# dice − adaptive per sequence: −(0.05, 0.02, 0.01, 0.03, 0.04, −0.02); per image the mean is −0.33 / 12.
+CVC_SEQUENCE_DIFF = np.array([-0.05, -0.02, -0.01, -0.03, -0.04, 0.02])
+CVC_DICE_HARD = [3, 5, 10]  # the three lowest of CVC_DICE: 0.50, 0.52, 0.55
+
+
+def write_cvc(root: Path, *, dice_groups=True, adaptive_groups=True, with_dice=True) -> Path:
+    for fold in range(3):
+        part = slice(4 * fold, 4 * fold + 4)
+        for label, values, groups in (("adaptive-tuned", CVC_DICE + CVC_GAIN, adaptive_groups),
+                                      ("dice", CVC_DICE, dice_groups)):
+            if label == "dice" and not with_dice:
+                continue
+            write_run(root / f"{label}_{fold}", label, fold, dice=values[part], dataset="cvc",
+                      groups=CVC_GROUPS[part] if groups else False)
+    return root
+
+
+def test_cvc_is_paired_per_video_sequence(tmp_path):
+    md = report.make_report([write_cvc(tmp_path / "cvc")], tmp_path / "out").read_text()
+    r = row(pd.read_csv(tmp_path / "out" / "table.csv"), "dice")
+    assert r["pair_unit"] == "sequence"
+    assert r["n_pairs"] == 6 and r["n_images_paired"] == 12  # per image it would be 12 pairs
+    assert r["dice_diff_mean"] == pytest.approx(CVC_SEQUENCE_DIFF.mean(), rel=1e-9)  # −0.13 / 6, not −0.0275
+    assert r["wilcoxon_p"] == pytest.approx(stats.wilcoxon(CVC_SEQUENCE_DIFF).pvalue, rel=1e-9)
+    assert r["dice_diff_ci_low"] < r["dice_diff_mean"] < r["dice_diff_ci_high"]
+    assert "`cvc`: 3 folds (0, 1, 2), 12 test images" in md
+    assert "paired per video sequence (n = 6 sequences)" in md
+    assert "| 6 sequences |" in md
+    # The Dice-loss hard set: one frame in each of sequences 1, 2 and 4.
+    assert r["dice_loss_hard_n_pairs"] == 3 and r["dice_loss_hard_n_images_paired"] == 3
+    assert r["dice_loss_hard_dice"] == pytest.approx(CVC_DICE[CVC_DICE_HARD].mean())
+    assert r["dice_loss_hard_dice_diff_mean"] == pytest.approx(-CVC_GAIN[CVC_DICE_HARD].mean())  # −0.05
+    ref = row(pd.read_csv(tmp_path / "out" / "table.csv"), "adaptive-tuned")
+    assert ref["dice_loss_hard_dice"] == pytest.approx((CVC_DICE + CVC_GAIN)[CVC_DICE_HARD].mean())
+
+
+def test_kvasir_like_groups_are_paired_per_image(study):
+    _, _, table, md = study
+    assert set(table["pair_unit"]) == {"image"}
+    assert "paired per image (n = 20 images)" in md and "| 20 images |" in md
+
+
+def test_per_image_csv_without_groups(tmp_path):
+    # One older run without the column: the groups come from the other run's per_image.csv.
+    with pytest.warns(report.ReportWarning, match="taken from the other runs"):
+        report.make_report([write_cvc(tmp_path / "a", dice_groups=False)], tmp_path / "out_a")
+    assert row(pd.read_csv(tmp_path / "out_a" / "table.csv"), "dice")["n_pairs"] == 6
+    # No run knows the sequences: per image, and the report says so.
+    with pytest.warns(report.ReportWarning, match="paired per image, not per video sequence"):
+        md = report.make_report([write_cvc(tmp_path / "b", dice_groups=False, adaptive_groups=False)],
+                                tmp_path / "out_b").read_text()
+    r = row(pd.read_csv(tmp_path / "out_b" / "table.csv"), "dice")
+    assert r["pair_unit"] == "image" and r["n_pairs"] == 12
+    assert r["dice_diff_mean"] == pytest.approx(-CVC_GAIN.mean())
+    assert "paired per image (n = 12 images)" in md
+    assert "## Warnings" in md and "not per video sequence" in md.split("## Warnings")[1]
+
+
+# ----------------------------------------------------------------------------- the Dice-loss hard set
+
+DICE_HARD = [1, 5, 9, 13, 17]  # offset −0.04 of the dice method: 0.71 … 0.75, below every other image
+
+
+def test_dice_loss_hard_set_is_the_baseline_bottom_quartile(study):
+    dirs, _, table, md = study
+    _, hard, missing = report.dice_loss_hardest(report.load_per_image(report.collect_runs(dirs)))
+    assert hard == {"synthetic": DICE_HARD} and missing == {}
+    ref = image_dice("adaptive-tuned")[DICE_HARD]
+    for label in METHODS:
+        r, values = row(table, label), image_dice(label)[DICE_HARD]
+        assert r["dice_loss_hard_dice"] == pytest.approx(values.mean())
+        assert r["dice_loss_hard_n_images"] == len(DICE_HARD)
+        if label != "adaptive-tuned":
+            assert r["dice_loss_hard_dice_diff_mean"] == pytest.approx((values - ref).mean())
+            assert r["dice_loss_hard_wilcoxon_p"] == pytest.approx(stats.wilcoxon(values, ref).pvalue)
+            assert r["dice_loss_hard_n_pairs"] == len(DICE_HARD)
+    assert f"{row(table, 'dice')['dice_loss_hard_dice']:.4f} (n=5)" in md
+    assert "Dice-loss hardest 25 % Dice³" in md and "5 images of `synthetic`" in md.split("³ Dice-loss")[1]
+    # the two existing difficulty columns keep their labels
+    assert "Hardest 25 % Dice (own)¹" in md and "Hardest 25 % Dice (common)²" in md
+
+
+def test_dice_loss_hard_ties_go_to_the_lower_index():
+    per_image = pd.DataFrame({
+        "dataset": "kvasir", "label": ["dice"] * 8 + ["other"] * 5, "fold": 0,
+        "index": [7, 6, 5, 4, 3, 2, 1, 0, 0, 1, 2, 3, 4], "group": 0,
+        "dice": [0.5, 0.3, 0.3, 0.9, 0.3, 0.8, 0.7, 0.6, 0.1, 0.2, 0.3, 0.4, 0.5], "difficulty": 1.0,
+    })
+    frame, hard, _ = report.dice_loss_hardest(per_image)
+    assert hard == {"kvasir": [3, 5]}  # round(8 / 4) = 2 of the three at 0.3: indices 3 and 5, not 6
+    other = frame.set_index("label").loc["other"]
+    assert other["dice_loss_hard_n_images"] == 1 and other["dice_loss_hard_dice"] == pytest.approx(0.4)
+
+
+def test_without_a_dice_loss_run_the_column_says_so(tmp_path):
+    md = report.make_report([write_cvc(tmp_path / "cvc", with_dice=False)], tmp_path / "out").read_text()
+    table = pd.read_csv(tmp_path / "out" / "table.csv")
+    assert table["dice_loss_hard_dice"].isna().all()
+    line = next(x for x in md.splitlines() if x.startswith("| **adaptive-tuned**"))
+    assert line.count("no Dice-loss run (`dice`)") == 2
+    assert "No set for `cvc`: no Dice-loss run" in md
+
+
+# ----------------------------------------------------------------------------- labels and footnotes
+
+
+def test_choose_reference_prefers_the_tuned_adaptive_method():
+    assert report.choose_reference(["dice", "adaptive-thesis", "adaptive-tuned", "adaptive-tuned-fold1"]) == "adaptive-tuned"
+    assert report.choose_reference(["dice", "adaptive-thesis", "adaptive-tuned-fold2"]) == "adaptive-tuned-fold2"
+    assert report.choose_reference(["dice", "adaptive-thesis", "adaptive-x"]) == "adaptive-thesis"
+    assert report.choose_reference(["dice", "adaptive-x"]) == "adaptive-x"
+    assert report.choose_reference(["dice"]) is None
+
+
+def test_single_fold_search_is_labelled(tmp_path):
+    write_run(tmp_path / "final", "adaptive-tuned", 2, config={"tag": "adaptive-tuned-fold2"})
+    for fold in range(3):
+        write_run(tmp_path / f"dice_{fold}", "dice", fold)
+    md = report.make_report([tmp_path], tmp_path / "out").read_text()
+    assert "| **adaptive-tuned-fold2** (reference; searched and tested on fold 2 only) | 1 |" in md
+    assert "searched and tested on fold 2 only (a single-fold search)" in md
+    r = row(pd.read_csv(tmp_path / "out" / "table.csv"), "dice")
+    assert r["reference"] == "adaptive-tuned-fold2" and r["folds_shared"] == 1 and r["n_pairs"] == PER_FOLD
+    assert math.isnan(r["ttest_p"])  # one shared fold
+
+
+def test_pm_dice_footnote_says_which_variant(tmp_path):
+    variants = {"pm_dice": (True, True, True), "pm_dice-old": (None, None, None),
+                "pm_dice-fg": (False, False, False), "pm_dice-mixed": (True, None, True)}
+    for label, flags in variants.items():
+        for fold, flag in enumerate(flags):
+            extra = {"method": "pm_dice", "tag": label} | ({} if flag is None else {"pm_include_background": flag})
+            write_run(tmp_path / f"{label}_{fold}", "dice", fold, config=extra)
+    with pytest.warns(report.ReportWarning, match="mixes PM Dice variants"):
+        md = report.make_report([tmp_path], tmp_path / "out").read_text()
+    table = pd.read_csv(tmp_path / "out" / "table.csv").set_index("label")
+    assert table["pm_variant"].to_dict() == {"pm_dice": "background+foreground", "pm_dice-old": "foreground",
+                                             "pm_dice-fg": "foreground", "pm_dice-mixed": "mixed"}
+    note = next(x for x in md.splitlines() if x.startswith("⁶"))
+    assert "`pm_dice` (`synthetic`): background and foreground averaged (Eq. 5)" in note
+    assert "`pm_dice-old` (`synthetic`): foreground only (3 of 3 runs have no `pm_include_background`" in note
+    assert "`pm_dice-fg` (`synthetic`): foreground only;" in note
+    assert ("`pm_dice-mixed` (`synthetic`): mixed (background+foreground in folds 0, 2; foreground in folds 1)"
+            in note)
+    assert "| pm_dice⁶ | 3 |" in md
+
+
+def test_no_pm_dice_no_pm_footnote(study):
+    _, _, table, md = study
+    assert "⁶" not in md and table["pm_variant"].isna().all()
+
+
+# ----------------------------------------------------------------------------- best configuration per fold
+
+BEST_CONFIG = {
+    "metric": "best_val_dice", "protocol": "nested", "optuna_storage": "postgresql://tune:***@db:5432/optuna",
+    "folds": {
+        "0": {"study_name": "adaptive-fold0", "value": 0.71, "optuna_trial": 3, "n_trials": 8,
+              "params": {"k": 2.0, "q": 25.0, "e0": 10, "tau": 10, "eps_min": 0.0, "eps_max": 0.5}},
+        "2": {"study_name": "adaptive-fold2", "value": 0.73, "optuna_trial": 1, "n_trials": 8,
+              "params": {"k": 3.0, "q": 40.0, "e0": 15, "tau": 10, "eps_min": 0.0, "eps_max": 0.4}},
+        "1": {"study_name": "adaptive-fold1", "value": 0.69, "optuna_trial": 5, "n_trials": 8,
+              "params": {"k": 4.0, "q": 10.0, "e0": 5, "tau": 10, "eps_min": 0.0, "eps_max": 0.3}},
+    },
+    "base": {"dataset": "synthetic", "epochs": 3},
+}
+# (min, max, mean, sample std, cv) by hand
+SPREAD = {"value": (0.69, 0.73, 0.71, 0.02, 0.02 / 0.71), "k": (2, 4, 3, 1, 1 / 3), "q": (10, 40, 25, 15, 0.6),
+          "e0": (5, 15, 10, 5, 0.5), "tau": (10, 10, 10, 0, 0), "eps_min": (0, 0, 0, 0, math.nan),
+          "eps_max": (0.3, 0.5, 0.4, 0.1, 0.25)}
+
+
+def test_best_config_per_fold_and_spread(study, tmp_path):
+    dirs, *_ = study
+    path = tmp_path / "best_config.json"
+    path.write_text(json.dumps(BEST_CONFIG))
+    md = report.make_report(dirs, tmp_path / "out", best_config=path).read_text()
+    per_fold = pd.read_csv(tmp_path / "out" / "best_config_per_fold.csv")
+    assert list(per_fold["fold"]) == [0, 1, 2]
+    assert list(per_fold["k"]) == [2.0, 4.0, 3.0] and list(per_fold["e0"]) == [10, 5, 15]
+    spread = pd.read_csv(tmp_path / "out" / "best_config_spread.csv").set_index("parameter")
+    assert list(spread.index) == list(SPREAD)
+    for name, expected in SPREAD.items():
+        got = spread.loc[name, ["min", "max", "mean", "std", "cv"]].to_numpy(float)
+        np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+    assert (spread["n_folds"] == 3).all()
+    section = md.split("## Best configuration per fold")[1].split("## Plots")[0]
+    assert "nested cross-validation" in section and "`best_val_dice` (validation, never test)" in section
+    assert "| 0 | `adaptive-fold0` | 3 | 8 | 0.7100 | 2 | 25 | 10 | 10 | 0 | 0.5 |" in section
+    assert "| `e0` | 5 | 15 | 10 | 5 | 0.5 |" in section
+    assert "| `eps_min` | 0 | 0 | 0 | 0 | – |" in section
+    assert "postgresql://tune:***@db:5432/optuna" in section and "## Warnings" not in md
+
+
+def test_best_config_names_the_studies_to_show(study, tmp_path):
+    dirs, *_ = study
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{tmp_path / 'search.db'}"
+    for fold in range(3):
+        toy_study(url, f"adaptive-fold{fold}", 3)
+    path = tmp_path / "best_config.json"
+    path.write_text(json.dumps(BEST_CONFIG))
+    out = tmp_path / "out"
+    assert report.main(["--results", *map(str, dirs), "--out", str(out), "--optuna-storage", url,
+                        "--best-config", str(path)]) == 0
+    md = (out / "table.md").read_text()
+    for fold in range(3):
+        assert f"- `adaptive-fold{fold}`: 3 trials, 3 completed" in md
+        assert (out / f"search_history_adaptive-fold{fold}.png").exists()
+    assert report.main(["--results", *map(str, dirs), "--out", str(tmp_path / "out2"), "--optuna-storage", url,
+                        "--study-name", "adaptive-fold1", "--study-name", "adaptive-fold2"]) == 0
+    md = (tmp_path / "out2" / "table.md").read_text()
+    assert "`adaptive-fold1`: 3 trials" in md and "`adaptive-fold2`: 3 trials" in md and "`adaptive-fold0`" not in md
+
+
+@pytest.mark.parametrize("text, warning", [
+    ("{not json", "could not be read: JSONDecodeError"),
+    (json.dumps([1, 2]), "has no 'folds' object"),
+    (json.dumps({"metric": "m", "best": [{"value": 0.7, "params": {"k": 2.0}}]}), "has no 'folds' object"),
+    (json.dumps({"folds": {"0": {"value": 0.7, "params": [1]}, "x": {"params": {}}}}), "fold 0 has no 'params'"),
+    (None, "could not be read: FileNotFoundError"),
+])
+def test_malformed_best_config_is_a_warning(study, tmp_path, text, warning):
+    dirs, *_ = study
+    path = tmp_path / "best_config.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.warns(report.ReportWarning):
+        md = report.make_report(dirs, tmp_path / "out", best_config=path).read_text()
+    assert warning in md.split("## Warnings")[1]
+    assert "Note: no per-fold best configuration could be read" in md
+    assert not (tmp_path / "out" / "best_config_per_fold.csv").exists()
+
+
+def test_best_config_fold_with_bad_value_is_kept_as_missing(study, tmp_path):
+    dirs, *_ = study
+    bad = json.loads(json.dumps(BEST_CONFIG))
+    bad["folds"]["1"]["value"] = "n/a"
+    bad["folds"]["x"] = {"params": {"k": 1.0}}
+    path = tmp_path / "best_config.json"
+    path.write_text(json.dumps(bad))
+    with pytest.warns(report.ReportWarning):
+        md = report.make_report(dirs, tmp_path / "out", best_config=path).read_text()
+    warnings_part = md.split("## Warnings")[1]
+    assert "fold 1 has a non-numeric value 'n/a'" in warnings_part and "fold key 'x'" in warnings_part
+    spread = pd.read_csv(tmp_path / "out" / "best_config_spread.csv").set_index("parameter")
+    assert spread.loc["value", "n_folds"] == 2 and spread.loc["value", "mean"] == pytest.approx(0.72)
+    assert spread.loc["k", "n_folds"] == 3
