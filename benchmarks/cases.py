@@ -18,7 +18,7 @@ from polydice.config import TrainConfig
 from polydice.data import SegmentationData, make_loader
 from polydice.model import forward_flops, refresh_flops
 from polydice.schedule import EpsilonController
-from polydice.train import _Hardware, _train_epoch, _Writer, build_method_loss, build_model, epoch_seed
+from polydice.train import RunState, _Hardware, _train_epoch, build_method_loss, build_model, epoch_seed
 from polydice.uncertainty import estimate_uncertainty, estimate_uncertainty_naive
 
 from .timing import CaseResult, interleaved, median_ratio, rate_line
@@ -62,9 +62,8 @@ def _parts(work: Workload) -> _Parts:
 
 def _project_epoch(work: Workload, cfg: TrainConfig, parts: _Parts):
     """One call of the project's ``_train_epoch`` (no validation, no ε refresh, no TensorBoard)."""
-    writer = _Writer(None, False)
-    return lambda: _train_epoch(EPOCH, cfg, parts.model, parts.loss_fn, parts.optimizer, work.data,
-                                work.indices, parts.controller, work.hw, writer)
+    run = RunState(parts.model, parts.optimizer, work.hw.scaler, parts.controller)
+    return lambda: _train_epoch(run, EPOCH, cfg, parts.loss_fn, work.data, work.indices, work.hw)
 
 
 def refresh_vs_naive(work: Workload) -> CaseResult:

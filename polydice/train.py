@@ -2,13 +2,16 @@
 
 ``train(config)`` loads (or receives) the data, splits the fold, trains with the configured loss,
 refreshes the per-image ε of the adaptive method on the schedule of Algorithm 1, validates each
-epoch, and tests the selected weights at the end. ``report(metrics, checkpoint)`` is called after
-every epoch so that Ray Tune (``polydice.tune``) can plug in without this module importing Ray.
+epoch, keeps the weights of the best validation epoch as ``model.pt`` and tests them at the end.
+``report(metrics, checkpoint)`` is called after every epoch so that Ray Tune (``polydice.tune``)
+can plug in without this module importing Ray. Everything a run carries across a checkpoint lives
+in one :class:`RunState`.
 
-Command line::
+Command line (one flag per :class:`~polydice.config.TrainConfig` field, see ``--help``)::
 
     python -m polydice.train --dataset synthetic --method adaptive --epochs 4 --e0 2 --tau 1 \\
         --image-size 64 --base-channels 8 --out runs/demo
+    python -m polydice.train --resume runs/demo --epochs 8   # continue from runs/demo/checkpoint.pt
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -30,16 +33,21 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .config import DATASETS, METHODS, SCALES, TrainConfig
+from .config import TrainConfig
 from .data import DataError, SegmentationData, build_augmentation, load_dataset, make_folds, make_loader
 from .losses import build_loss, foreground_probs
 from .metrics import all_metrics, hardest_quartile_mean, segmentation_metrics
-from .model import UNet, to_input
+from .model import UNet, save_model_file, to_input
 from .schedule import EpsilonController, refresh_epochs
 from .uncertainty import estimate_uncertainty
 
 ReportFn = Callable[[dict, "dict | None"], None]
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+CHECKPOINT_FILE = "checkpoint.pt"
+MODEL_FILE = "model.pt"
+EPSILON_COLUMNS = ["epoch", "index", "difficulty", "epsilon"]
+# Foreground probability thresholds searched on the validation split for model.pt: 0.05 ... 0.95.
+THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 # Fields a resumed run may change: more epochs, or other hardware; none changes what is computed
 # per epoch except through the device's arithmetic.
 RESUMABLE_CHANGES = {"epochs", "device", "amp", "channels_last", "compile", "num_workers", "mc_memory_gb",
@@ -58,6 +66,111 @@ class RunResult:
     history: pd.DataFrame
     epsilon: pd.DataFrame
     per_image: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+@dataclass
+class BestEpoch:
+    """The epoch with the highest validation Dice so far and, when kept, its weights."""
+
+    val_dice: float = -math.inf
+    epoch: int = 0
+    state: dict[str, Tensor] | None = None
+
+
+@dataclass
+class RunState:
+    """Everything a run carries from one epoch to the next and across a checkpoint.
+
+    The training loop takes this one object. :meth:`state_dict` holds tensors and plain Python
+    values only, so that a checkpoint loads with ``torch.load(..., weights_only=True)``. Random
+    state needs no saving: each epoch reseeds from ``(seed, epoch)``.
+
+    Attributes:
+        model, optimizer, scaler: the U-Net, its Adam optimizer and the AMP loss scaler.
+        controller: the per-image ε table of the adaptive method; ``None`` for the others.
+        epoch: the last finished epoch (0 before the first).
+        history: one metrics dict per finished epoch.
+        eps_records: one ``epoch,index,difficulty,epsilon`` frame per ε refresh.
+        best: the best validation epoch so far, with its weights when the run selects them.
+    """
+
+    model: UNet
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    controller: EpsilonController | None = None
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    eps_records: list[pd.DataFrame] = field(default_factory=list)
+    best: BestEpoch = field(default_factory=BestEpoch)
+
+    def record_validation(self, epoch: int, val_dice: float, keep_weights: bool) -> None:
+        """Make ``epoch`` the best one if its validation Dice beats every earlier epoch's."""
+        if val_dice > self.best.val_dice:
+            weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if keep_weights else None
+            self.best = BestEpoch(float(val_dice), int(epoch), weights)
+
+    def load_selected_weights(self, select_best: bool) -> tuple[int, float]:
+        """Put the weights the run keeps into the model: the best validation epoch's when
+        ``select_best`` (else, or when no epoch was validated, the last epoch's).
+
+        Returns:
+            ``(epoch, val_dice)`` of those weights.
+        """
+        if select_best and self.best.state is not None:
+            self.model.load_state_dict(self.best.state)
+            return self.best.epoch, self.best.val_dice
+        return self.epoch, self.history[-1]["val_dice"] if self.history else float("nan")
+
+    def epsilon_table(self) -> pd.DataFrame:
+        """Every refresh's ε, ``epoch,index,difficulty,epsilon``, in refresh order."""
+        if not self.eps_records:
+            return pd.DataFrame(columns=EPSILON_COLUMNS)
+        return pd.concat(self.eps_records, ignore_index=True)
+
+    def state_dict(self) -> dict:
+        eps = pd.concat(self.eps_records, ignore_index=True) if self.eps_records else None
+        eps_columns = None if eps is None else {col: torch.tensor(eps[col].to_numpy()) for col in EPSILON_COLUMNS}
+        return {
+            "epoch": int(self.epoch),
+            "model": _cpu_copy(self.model.state_dict()),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "controller": None if self.controller is None else self.controller.state_dict(),
+            "history": [dict(h) for h in self.history],
+            "eps_records": eps_columns,
+            "best": {
+                "val_dice": float(self.best.val_dice),
+                "epoch": int(self.best.epoch),
+                "state": None if self.best.state is None else _cpu_copy(self.best.state),
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`; tensors move to the model's device.
+
+        Raises:
+            ValueError: when the state has an ε table and this run has no controller, or the
+                reverse (another method), or its ε table belongs to other training images.
+        """
+        if (state["controller"] is None) != (self.controller is None):
+            raise ValueError("the saved run and this one differ in whether they have an ε controller")
+        device = next(self.model.parameters()).device
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])  # moves its state to the parameters' device
+        self.scaler.load_state_dict(state["scaler"])
+        if self.controller is not None:
+            self.controller.load_state_dict(state["controller"])
+        self.epoch = int(state["epoch"])
+        self.history = [dict(h) for h in state["history"]]
+        records = state["eps_records"]
+        self.eps_records = [] if records is None else [pd.DataFrame({k: v.numpy() for k, v in records.items()})]
+        best = state["best"]
+        weights = None if best["state"] is None else {k: v.to(device) for k, v in best["state"].items()}
+        self.best = BestEpoch(float(best["val_dice"]), int(best["epoch"]), weights)
+
+
+def _cpu_copy(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in tensors.items()}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -214,9 +327,9 @@ def train(
             ``checkpoint_every`` epochs and at the last epoch, else ``None``.
         data: the dataset, if already loaded (a study loads it once and shares it); else it is
             loaded from ``config``.
-        out_dir: where TensorBoard events, ``summary.json``, ``epsilon.csv``, ``history.csv`` and
-            ``per_image.csv`` go; nothing is written when ``None``.
-        resume: a checkpoint state to continue from (epochs after its ``epoch``).
+        out_dir: where TensorBoard events, ``model.pt``, ``summary.json``, ``epsilon.csv``,
+            ``history.csv`` and ``per_image.csv`` go; nothing is written when ``None``.
+        resume: a checkpoint to continue from (the epochs after its ``epoch``).
         evaluate_test: test at the end. A hyperparameter search passes ``False``: it must select
             on validation Dice, and then never touches the test part at all.
         checkpoint_every: also hand a checkpoint to ``report`` every this many epochs (0: never).
@@ -228,8 +341,11 @@ def train(
     Raises:
         NonFiniteLossError: when the loss turns NaN or infinite (the message names epoch and batch).
         polydice.data.DataError: for unreadable or inconsistent data.
+        ValueError: for a checkpoint of another config or version, or a negative ``checkpoint_every``.
     """
     cfg = config
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0 (0: only at refreshes and the end), got {checkpoint_every}")
     out_path = Path(out_dir) if out_dir is not None else None
     if out_path is not None:
         out_path.mkdir(parents=True, exist_ok=True)
@@ -247,20 +363,16 @@ def train(
     model = build_model(cfg).to(hw.device, memory_format=hw.memory_format)
     step_model = torch.compile(model) if cfg.compile else model
     loss_fn = build_method_loss(cfg)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     controller = (
         EpsilonController(train_idx, cfg.e0, cfg.tau, cfg.q, cfg.k, cfg.eps_min, cfg.eps_max, cfg.delta)
         if cfg.uses_controller
         else None
     )
-    refreshes = set(refresh_epochs(cfg.epochs, cfg.e0, cfg.tau)) if controller else set()
-
-    history: list[dict] = []
-    eps_records: list[pd.DataFrame] = []
-    best = {"val_dice": -math.inf, "epoch": 0, "model": None}
-    start_epoch = 1
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run = RunState(model, optimizer, hw.scaler, controller)
     if resume is not None:
-        start_epoch = _restore(resume, cfg, model, optimizer, hw.scaler, controller, history, eps_records, best)
+        restore_checkpoint(resume, cfg, run)
+    refreshes = set(refresh_epochs(cfg.epochs, cfg.e0, cfg.tau)) if controller else set()
 
     writer = _Writer(out_path, cfg.tensorboard)
     writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in cfg.to_dict().items()), 0)
@@ -268,30 +380,25 @@ def train(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.epochs, initial=start_epoch - 1, desc=f"{cfg.method} fold {cfg.fold}", unit="epoch")
+        bar = tqdm(total=cfg.epochs, initial=run.epoch, desc=f"{cfg.method} fold {cfg.fold}", unit="epoch")
 
     try:
-        for epoch in range(start_epoch, cfg.epochs + 1):
+        for epoch in range(run.epoch + 1, cfg.epochs + 1):
             seed_everything(epoch_seed(cfg.seed, epoch))
             epoch_start = time.perf_counter()
-            refreshed = False
-            if controller is not None and epoch in refreshes:
-                _refresh(epoch, cfg, model, data, train_idx, controller, hw, writer, eps_records)
-                refreshed = True
+            refreshed = controller is not None and epoch in refreshes
+            if refreshed:
+                _refresh(run, epoch, cfg, data, train_idx, hw, writer)
 
-            train_loss = _train_epoch(epoch, cfg, step_model, loss_fn, optimizer, data, train_idx, controller, hw, writer)
+            train_loss = _train_epoch(run, epoch, cfg, loss_fn, data, train_idx, hw, step_model)
             val_dice = _validation_dice(model, data, val_eval_idx, hw, cfg.batch_size)
-            if val_dice > best["val_dice"]:
-                best.update(val_dice=val_dice, epoch=epoch)
-                if cfg.select_best:
-                    best["model"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
+            run.record_validation(epoch, val_dice, keep_weights=cfg.select_best)
             metrics = {
                 "epoch": epoch,
                 "train_loss": train_loss,
                 "val_dice": val_dice,
-                "best_val_dice": best["val_dice"],
-                "best_epoch": best["epoch"],
+                "best_val_dice": run.best.val_dice,
+                "best_epoch": run.best.epoch,
                 "epoch_seconds": time.perf_counter() - epoch_start,
             }
             if controller is not None:
@@ -300,7 +407,8 @@ def train(
                     eps_std=float(controller.epsilon.std(unbiased=False)),
                     refreshed=refreshed,
                 )
-            history.append(metrics)
+            run.history.append(metrics)
+            run.epoch = epoch
             writer.add_scalar("loss/train", train_loss, epoch)
             writer.add_scalar("dice/val", val_dice, epoch)
             writer.flush()
@@ -309,15 +417,13 @@ def train(
                 bar.update(1)
             if report is not None:
                 due = refreshed or epoch == cfg.epochs or (checkpoint_every and epoch % checkpoint_every == 0)
-                state = (
-                    checkpoint_state(epoch, cfg, model, optimizer, hw.scaler, controller, history, eps_records, best)
-                    if due
-                    else None
-                )
-                report(dict(metrics), state)
+                report(dict(metrics), checkpoint_state(cfg, run) if due else None)
 
-        if cfg.select_best and best["model"] is not None:
-            model.load_state_dict(best["model"])
+        model_epoch, model_val_dice = run.load_selected_weights(cfg.select_best)
+        threshold, threshold_dice = _validation_threshold(model, data, val_eval_idx, hw, cfg.batch_size)
+        if out_path is not None:
+            save_model_file(out_path / MODEL_FILE, model.state_dict(), cfg.to_dict(), epoch=model_epoch,
+                            val_dice=model_val_dice, threshold=threshold)
         summary = {
             "config": cfg.to_dict(),
             "dataset_size": len(data),
@@ -325,9 +431,12 @@ def train(
             "n_train": len(train_idx),
             "n_val": len(val_idx),
             "n_test": len(test_idx),
-            "val_dice": best["val_dice"] if cfg.select_best else history[-1]["val_dice"],
-            "best_epoch": best["epoch"],
-            "final_val_dice": history[-1]["val_dice"] if history else float("nan"),
+            "val_dice": model_val_dice,
+            "best_epoch": run.best.epoch,
+            "model_epoch": model_epoch,
+            "val_threshold": threshold,
+            "val_dice_at_threshold": threshold_dice,
+            "final_val_dice": run.history[-1]["val_dice"] if run.history else float("nan"),
             "device": str(hw.device),
             "refresh_epochs": sorted(refreshes),
         }
@@ -346,19 +455,17 @@ def train(
         if bar is not None:
             bar.close()
 
-    epsilon = pd.concat(eps_records, ignore_index=True) if eps_records else pd.DataFrame(
-        columns=["epoch", "index", "difficulty", "epsilon"]
-    )
-    result = RunResult(summary, pd.DataFrame(history), epsilon, per_image)
+    result = RunResult(summary, pd.DataFrame(run.history), run.epsilon_table(), per_image)
     if out_path is not None:
         write_outputs(result, out_path)
     return result
 
 
-def _refresh(epoch, cfg, model, data, train_idx, controller, hw, writer, eps_records) -> None:
+def _refresh(run: RunState, epoch: int, cfg: TrainConfig, data: SegmentationData, train_idx: np.ndarray,
+             hw: _Hardware, writer: _Writer) -> None:
     """Algorithm 1 lines 5–25: MC-Dropout difficulty of every training image, then new ε."""
     est = estimate_uncertainty(
-        model,
+        run.model,
         data.images,
         data.masks,
         train_idx,
@@ -370,8 +477,8 @@ def _refresh(epoch, cfg, model, data, train_idx, controller, hw, writer, eps_rec
         memory_budget_bytes=int(cfg.mc_memory_gb * 2**30),
         keep_maps=cfg.log_maps,
     )
-    eps = controller.update(epoch, est.difficulty)
-    eps_records.append(
+    eps = run.controller.update(epoch, est.difficulty)
+    run.eps_records.append(
         pd.DataFrame({"epoch": epoch, "index": train_idx, "difficulty": est.difficulty.numpy(), "epsilon": eps.numpy()})
     )
     writer.add_histogram("epsilon", eps, epoch)
@@ -381,12 +488,16 @@ def _refresh(epoch, cfg, model, data, train_idx, controller, hw, writer, eps_rec
         writer.add_image("uncertainty/image_mask_prob_mi_entropy", _map_panel(est.maps), epoch, dataformats="HWC")
 
 
-def _train_epoch(epoch, cfg, model, loss_fn, optimizer, data, train_idx, controller, hw, writer) -> float:
+def _train_epoch(run: RunState, epoch: int, cfg: TrainConfig, loss_fn: nn.Module, data: SegmentationData,
+                 train_idx: np.ndarray, hw: _Hardware, step_model: nn.Module | None = None) -> float:
     """One pass over the training images; returns the mean loss.
 
+    ``step_model`` runs the forward pass (``torch.compile`` of ``run.model``; default ``run.model``).
     The loss stays on the device: the host synchronises only every ``log_every`` steps and at the
     end, where a non-finite loss (tracked on the device by its first batch) stops the run.
     """
+    model = run.model if step_model is None else step_model
+    controller = run.controller
     model.train()
     seed = epoch_seed(cfg.seed, epoch)
     loader = make_loader(
@@ -410,10 +521,10 @@ def _train_epoch(epoch, cfg, model, loss_fn, optimizer, data, train_idx, control
             logits = model(x)
         per_image = loss_fn(logits, y, eps)  # B; the losses compute in float32
         loss = per_image.mean()
-        optimizer.zero_grad(set_to_none=True)
-        hw.scaler.scale(loss).backward()
-        hw.scaler.step(optimizer)
-        hw.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
         finite = torch.isfinite(loss.detach())
         first_bad = torch.where((first_bad < 0) & ~finite, torch.tensor(step, device=hw.device), first_bad)
         total += per_image.detach().sum()
@@ -434,6 +545,24 @@ def _check_finite(first_bad: Tensor, epoch: int, loader) -> None:
             f"non-finite training loss at epoch {epoch}, batch {bad + 1} of {len(loader)}; "
             "stopping (try a lower learning rate or check the inputs of that batch)"
         )
+
+
+def _validation_threshold(model: nn.Module, data: SegmentationData, indices: np.ndarray, hw: _Hardware,
+                          batch_size: int) -> tuple[float, float]:
+    """The foreground threshold of :data:`THRESHOLDS` with the highest mean validation Dice, and
+    that Dice. A pixel is foreground where its probability exceeds the threshold (at 0.5 this is
+    the validation Dice itself). Ties go to the threshold nearest 0.5; no validation image: 0.5.
+    """
+    if len(indices) == 0:
+        return 0.5, float("nan")
+
+    def dice_per_threshold(probs: Tensor, masks: Tensor) -> dict[str, Tensor]:
+        # B, len(THRESHOLDS)
+        return {"dice": torch.stack([segmentation_metrics((probs > t).float(), masks)["dice"] for t in THRESHOLDS], 1)}
+
+    mean = _per_image_metrics(model, data, indices, hw, batch_size, dice_per_threshold)["dice"].mean(0).tolist()
+    best = max(range(len(THRESHOLDS)), key=lambda i: (mean[i], -abs(THRESHOLDS[i] - 0.5)))
+    return THRESHOLDS[best], mean[best]
 
 
 def _test(cfg: TrainConfig, model: UNet, data: SegmentationData, test_idx: np.ndarray, hw: _Hardware) -> pd.DataFrame:
@@ -461,68 +590,80 @@ def _test(cfg: TrainConfig, model: UNet, data: SegmentationData, test_idx: np.nd
     return frame
 
 
-def checkpoint_state(epoch, cfg, model, optimizer, scaler, controller, history, eps_records, best) -> dict:
-    """Everything needed to continue a run after ``epoch``: tensors and plain Python values only,
-    so that it loads with ``torch.load(..., weights_only=True)``.
+# ----------------------------------------------------------------------------- checkpoints
 
-    Random state needs no saving: each epoch reseeds from ``(seed, epoch)``.
+
+def checkpoint_state(cfg: TrainConfig, run: RunState) -> dict:
+    """A checkpoint after ``run.epoch``: the config it belongs to and the run's state."""
+    return {"version": CHECKPOINT_VERSION, "config": cfg.to_dict(), "run": run.state_dict()}
+
+
+def _check_version(checkpoint: dict) -> None:
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint version {checkpoint.get('version')!r} is not {CHECKPOINT_VERSION}")
+
+
+def restore_checkpoint(checkpoint: dict, cfg: TrainConfig, run: RunState) -> None:
+    """Continue ``run`` from ``checkpoint``.
+
+    Raises:
+        ValueError: for another checkpoint version, a config that differs in a field outside
+            :data:`RESUMABLE_CHANGES`, or fewer ``epochs`` than the checkpoint has finished.
     """
-    eps_table = pd.concat(eps_records, ignore_index=True) if eps_records else None
-    return {
-        "version": CHECKPOINT_VERSION,
-        "epoch": int(epoch),
-        "config": cfg.to_dict(),
-        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "controller": controller.state_dict() if controller is not None else None,
-        "history": [dict(h) for h in history],
-        "eps_records": None
-        if eps_table is None
-        else {col: torch.tensor(eps_table[col].to_numpy()) for col in eps_table.columns},
-        "best": {
-            "val_dice": float(best["val_dice"]),
-            "epoch": int(best["epoch"]),
-            "model": None if best["model"] is None else {k: v.cpu() for k, v in best["model"].items()},
-        },
-    }
-
-
-def _restore(state, cfg, model, optimizer, scaler, controller, history, eps_records, best) -> int:
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint version {state.get('version')!r} is not {CHECKPOINT_VERSION}")
+    _check_version(checkpoint)
     diff = {
         k: (v, getattr(cfg, k))
-        for k, v in state["config"].items()
+        for k, v in checkpoint["config"].items()
         if k not in RESUMABLE_CHANGES and getattr(cfg, k, v) != v
     }
     if diff:
         raise ValueError(f"checkpoint was written with a different config (saved, now): {diff}")
-    device = next(model.parameters()).device
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])  # moves its state to the parameters' device
-    scaler.load_state_dict(state["scaler"])
-    if controller is not None:
-        controller.load_state_dict(state["controller"])
-    history.extend(state["history"])
-    if state["eps_records"] is not None:
-        eps_records.append(pd.DataFrame({k: v.numpy() for k, v in state["eps_records"].items()}))
-    best.update(val_dice=state["best"]["val_dice"], epoch=state["best"]["epoch"])
-    if state["best"]["model"] is not None:
-        best["model"] = {k: v.to(device) for k, v in state["best"]["model"].items()}
-    return int(state["epoch"]) + 1
+    if checkpoint["run"]["epoch"] > cfg.epochs:
+        raise ValueError(f"checkpoint has finished epoch {checkpoint['run']['epoch']}, past epochs={cfg.epochs}")
+    run.load_state_dict(checkpoint["run"])
+
+
+def resumed_config(checkpoint: dict, overrides: dict) -> TrainConfig:
+    """The config of a checkpointed run with ``overrides`` applied.
+
+    Raises:
+        ValueError: naming every override outside :data:`RESUMABLE_CHANGES` that differs from the
+            checkpoint's value, or for another checkpoint version.
+    """
+    _check_version(checkpoint)
+    saved = TrainConfig.from_dict(checkpoint["config"])
+    fixed = [
+        f"--{k.replace('_', '-')} {v} (the run has {getattr(saved, k)})"
+        for k, v in overrides.items()
+        if k not in RESUMABLE_CHANGES and v != getattr(saved, k)
+    ]
+    if fixed:
+        allowed = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(RESUMABLE_CHANGES))
+        raise ValueError(f"a resumed run cannot change {'; '.join(fixed)}; it may change only {allowed}")
+    return saved.replace(**overrides)
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    """Write atomically, so that a worker killed mid-write leaves the previous checkpoint intact."""
+    """Write atomically, so that a process killed mid-write leaves the previous checkpoint intact."""
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Read a checkpoint with ``weights_only=True``.
+
+    Raises:
+        ValueError: when the file is missing or is not a readable checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, corrupt, or not a torch file at all
+        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
 
 
 def write_outputs(result: RunResult, out_dir: str | os.PathLike) -> None:
@@ -531,85 +672,95 @@ def write_outputs(result: RunResult, out_dir: str | os.PathLike) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(result.summary, indent=2, default=float) + "\n")
     result.history.to_csv(out / "history.csv", index=False)
-    result.epsilon.to_csv(out / "epsilon.csv", index=False, columns=["epoch", "index", "difficulty", "epsilon"])
+    result.epsilon.to_csv(out / "epsilon.csv", index=False, columns=EPSILON_COLUMNS)
     if len(result.per_image):
         result.per_image.to_csv(out / "per_image.csv", index=False)
 
 
 # ----------------------------------------------------------------------------- command line
 
-_CLI_FIELDS = {
-    # flag: (config field, type)
-    "--dataset": ("dataset", str),
-    "--data-dir": ("data_dir", str),
-    "--method": ("method", str),
-    "--eps": ("eps", float),
-    "--order": ("order", int),
-    "--polydice-scale": ("polydice_scale", str),
-    "--fold": ("fold", int),
-    "--folds": ("folds", int),
-    "--epochs": ("epochs", int),
-    "--image-size": ("image_size", int),
-    "--base-channels": ("base_channels", int),
-    "--batch-size": ("batch_size", int),
-    "--lr": ("lr", float),
-    "--e0": ("e0", int),
-    "--tau": ("tau", int),
-    "--k": ("k", float),
-    "--q": ("q", float),
-    "--eps-min": ("eps_min", float),
-    "--eps-max": ("eps_max", float),
-    "--mc-samples": ("mc_samples", int),
-    "--dropout": ("dropout", float),
-    "--seed": ("seed", int),
-    "--n-synthetic": ("n_synthetic", int),
-    "--sequence-csv": ("sequence_csv", str),
-    "--num-workers": ("num_workers", int),
-    "--device": ("device", str),
-    "--nsd-tolerance": ("nsd_tolerance", float),
-    "--max-batches": ("max_batches", int),
-}
+# The annotations are strings (``from __future__ import annotations``).
+_FLAG_TYPES = {"str": str, "str | None": str, "int": int, "float": float, "bool": bool}
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of a config field: ``eps_min`` → ``--eps-min``."""
+    return "--" + name.replace("_", "-")
+
+
+def _shown(default) -> str:
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return "none" if default is None else repr(default) if default == "" else str(default)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One flag per :class:`~polydice.config.TrainConfig` field, with the field's help text and
+    default; booleans as ``--flag/--no-flag``. Config flags left out of the command line are
+    absent from the parsed namespace, so that ``--resume`` knows which ones were given."""
     p = argparse.ArgumentParser(
         prog="python -m polydice.train",
-        description="Train one method on one fold of a polyp segmentation dataset and test it.",
+        description="Train one method on one fold of a polyp segmentation dataset, keep the weights of the "
+        "best validation epoch (model.pt) and test them.",
+        epilog="Writes to the output folder: model.pt, checkpoint.pt, summary.json, history.csv, epsilon.csv, "
+        "per_image.csv and TensorBoard events.",
     )
-    defaults = TrainConfig()
-    for flag, (name, kind) in _CLI_FIELDS.items():
-        extra = {}
-        if name == "dataset":
-            extra["choices"] = DATASETS
-        if name == "method":
-            extra["choices"] = METHODS
-        if name == "polydice_scale":
-            extra["choices"] = SCALES
-        p.add_argument(flag, dest=name, type=kind, default=getattr(defaults, name), **extra,
-                       help=f"(default: {getattr(defaults, name)})")
-    p.add_argument("--no-augment", dest="augment", action="store_false", help="disable flips and brightness/contrast")
-    p.add_argument("--no-amp", dest="amp", action="store_false", help="disable mixed precision on CUDA")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--out", required=True, help="output folder: summary.json, epsilon.csv, per_image.csv, TensorBoard events")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    config = p.add_argument_group("run settings (TrainConfig)")
+    for f in fields(TrainConfig):
+        kind = _FLAG_TYPES[f.type]
+        help_text = f"{f.metadata['help']} (default: {_shown(f.default)})".replace("%", "%%")
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            choices = f.metadata.get("choices")
+            metavar = None if choices else {int: "N", float: "X"}.get(kind, f.name.rsplit("_", 1)[-1].upper())
+            kwargs.update(type=kind, choices=choices, metavar=metavar)
+        config.add_argument(flag_of(f.name), **kwargs)
+    run = p.add_argument_group("output and resume")
+    run.add_argument("--out", metavar="DIR", help="output folder (default: the --resume folder)")
+    run.add_argument("--resume", metavar="DIR",
+                     help="continue the run whose checkpoint is DIR/checkpoint.pt, with its config; of the flags "
+                     "above only " + ", ".join(flag_of(k) for k in sorted(RESUMABLE_CHANGES)) + " may change")
+    run.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                     help="also write DIR/checkpoint.pt every N epochs (default: 0, i.e. at every ε refresh "
+                     "and at the end only)")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    values = {name: getattr(args, name) for name, _ in _CLI_FIELDS.values()}
-    values.update(augment=args.augment, amp=args.amp, compile=args.compile)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.out is None and args.resume is None:
+        parser.error("--out DIR is required (or --resume DIR)")
+    if args.checkpoint_every < 0:
+        parser.error(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    given = {name: value for name, value in vars(args).items() if name in TrainConfig.field_names()}
+    out = Path(args.out if args.out is not None else args.resume)
+
+    def save(metrics: dict, state: dict | None) -> None:
+        if state is not None:
+            save_checkpoint(state, out / CHECKPOINT_FILE)
+
     try:
-        cfg = TrainConfig.from_dict(values)
-        result = train(cfg, out_dir=args.out, progress=args.progress)
+        resume = None
+        if args.resume is not None:
+            resume = load_checkpoint(Path(args.resume) / CHECKPOINT_FILE)
+            cfg = resumed_config(resume, given)
+        else:
+            cfg = TrainConfig.from_dict(given)
+        result = train(cfg, save, out_dir=out, resume=resume, checkpoint_every=args.checkpoint_every,
+                       progress=args.progress)
     except (DataError, ValueError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if not isinstance(exc, NonFiniteLossError) else 3
     s = result.summary
     print(
-        f"{cfg.method} fold {cfg.fold}: val Dice {s['val_dice']:.4f} (epoch {s['best_epoch']}), "
-        f"test Dice {s['test_dice']:.4f}, IoU {s['test_iou']:.4f}, hardest-quartile Dice "
-        f"{s['test_dice_hardest_quartile']:.4f}\nwrote {Path(args.out) / 'summary.json'}"
+        f"{cfg.method} fold {cfg.fold}: val Dice {s['val_dice']:.4f} (epoch {s['model_epoch']}, threshold "
+        f"{s['val_threshold']:.2f}: {s['val_dice_at_threshold']:.4f}), test Dice {s['test_dice']:.4f}, "
+        f"IoU {s['test_iou']:.4f}, hardest-quartile Dice {s['test_dice_hardest_quartile']:.4f}\n"
+        f"wrote {out / MODEL_FILE}, {out / 'summary.json'}"
     )
     return 0
 

@@ -6,11 +6,15 @@ search spaces and call :func:`run_study`.
 - The dataset is decoded once by the driver and shared through the object store with
   ``tune.with_parameters``: every trial on a node maps the same copy.
 - Each trial reports its metrics every epoch (``tune.report``) and a checkpoint at every ε refresh,
-  every ``checkpoint_every`` epochs and at the end. The checkpoint holds the model, optimizer,
-  ε table, controller state and history; a restarted trial continues from it with the same ε.
-- A trial's own files (TensorBoard events, ``summary.json``, ``epsilon.csv``, ``per_image.csv``)
-  go to its trial folder and are synced to ``storage_path`` so that ``tensorboard --logdir`` on the
-  results shows Tune's scalars beside the ε/difficulty histograms and uncertainty maps.
+  every ``checkpoint_every`` epochs and at the end. The checkpoint holds the run's
+  :class:`~polydice.train.RunState` (model, optimizer, ε table, controller state, history, best
+  epoch); a restarted trial continues from it with the same ε.
+- A trial's own files (``model.pt``, TensorBoard events, ``summary.json``, ``epsilon.csv``,
+  ``per_image.csv``) go to its trial folder and are synced to ``storage_path`` (artifacts), so that
+  ``tensorboard --logdir`` on the results shows Tune's scalars beside the ε/difficulty histograms
+  and uncertainty maps. ``model.pt`` (the best validation epoch's weights) is an artifact, not a
+  checkpoint, so no later checkpoint evicts it; a tested run also puts it, with the other output
+  files, into its final checkpoint.
 - Resources per trial: ``cpus_per_trial`` and ``gpus_per_trial`` (fractional GPUs pack several
   trials on one card); inside a trial the device is picked from what Ray made visible.
 """
@@ -31,10 +35,9 @@ from ray import tune
 
 from .config import TrainConfig
 from .data import SegmentationData
-from .train import NonFiniteLossError, load_checkpoint, save_checkpoint, train
+from .train import CHECKPOINT_FILE, MODEL_FILE, NonFiniteLossError, load_checkpoint, save_checkpoint, train
 
-CHECKPOINT_FILE = "checkpoint.pt"
-OUTPUT_FILES = ("summary.json", "per_image.csv", "epsilon.csv", "history.csv")
+OUTPUT_FILES = (MODEL_FILE, "summary.json", "per_image.csv", "epsilon.csv", "history.csv")
 LOOPBACK = "127.0.0.1"
 
 
@@ -179,14 +182,10 @@ def make_trainable(
 
 @dataclass
 class StudyPaths:
-    """Where a study's files go: Tune's experiment folder and the Optuna database beside it."""
+    """Where a study's Optuna database goes: beside Tune's experiment folder ``storage_path/name``."""
 
     storage_path: Path
     name: str
-
-    @property
-    def experiment(self) -> Path:
-        return self.storage_path / self.name
 
     @property
     def sqlite_url(self) -> str:
@@ -241,23 +240,6 @@ def restore_or_create(
             raise ValueError(f"--resume: no Tune experiment to resume at {experiment_path}")
         return tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True)
     return make_tuner()
-
-
-def trial_outputs(result: tune.Result) -> dict[str, Path]:
-    """The output files of a finished trial: from its trial folder, else from its last checkpoint."""
-    found = {}
-    folder = Path(result.path)
-    for name in OUTPUT_FILES:
-        if (folder / name).exists():
-            found[name] = folder / name
-    if len(found) < len(OUTPUT_FILES) and result.checkpoint is not None:
-        with result.checkpoint.as_directory() as ckpt:
-            for name in OUTPUT_FILES:
-                if name not in found and (Path(ckpt) / name).exists():
-                    target = folder / name
-                    target.write_bytes((Path(ckpt) / name).read_bytes())
-                    found[name] = target
-    return found
 
 
 def write_json(path: Path, payload: dict) -> None:

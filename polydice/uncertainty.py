@@ -221,30 +221,34 @@ def _samples_per_chunk(model: UNet, height: int, width: int, budget_bytes: int, 
 
 
 class _MapAccumulator:
-    """Streams Σp and ΣH(p) over samples, and Σp² for the variance, without keeping (T, B, H, W)."""
+    """Streams Σp and ΣH(p) over samples without keeping (T, B, H, W); Σp² too when the variance
+    map is wanted (only the maps returned for logging have one)."""
 
-    def __init__(self, like: Tensor):
+    def __init__(self, like: Tensor, variance: bool):
         self.sum_p = torch.zeros_like(like, dtype=torch.float32)
         self.sum_h = torch.zeros_like(self.sum_p)
-        self.sum_p2 = torch.zeros_like(self.sum_p)
+        self.sum_p2 = torch.zeros_like(self.sum_p) if variance else None
         self.n = 0
 
     def add(self, probs: Tensor) -> None:  # probs (t, B, H, W)
         probs = probs.float()
         self.sum_p += probs.sum(0)
         self.sum_h += binary_entropy(probs).sum(0)
-        self.sum_p2 += (probs * probs).sum(0)
+        if self.sum_p2 is not None:
+            self.sum_p2 += (probs * probs).sum(0)
         self.n += probs.shape[0]
 
     def maps(self) -> dict[str, Tensor]:
         mean_p = self.sum_p / self.n
         entropy = binary_entropy(mean_p)
-        return {
+        maps = {
             "mean_prob": mean_p,
             "predictive_entropy": entropy,
             "mutual_information": (entropy - self.sum_h / self.n).clamp_min(0.0),
-            "variance": (self.sum_p2 / self.n - mean_p * mean_p).clamp_min(0.0),
         }
+        if self.sum_p2 is not None:
+            maps["variance"] = (self.sum_p2 / self.n - mean_p * mean_p).clamp_min(0.0)
+        return maps
 
 
 def _rows(array: np.ndarray | Tensor, sel: np.ndarray) -> Tensor:
@@ -295,7 +299,8 @@ def _estimate(
             y = batch_masks.to(device, non_blocking=True)
             b, _, h, w = x.shape
             sampler.batch = b
-            acc = _MapAccumulator(y)
+            n_kept = len(kept.get("image", ()))
+            acc = _MapAccumulator(y, variance=n_kept < keep_maps)
             if encoder_once:
                 cache = model.prepare_sampling(model.encode(x))
                 rows = _samples_per_chunk(model, h, w, memory_budget_bytes, elem_bytes)
@@ -313,7 +318,6 @@ def _estimate(
             maps = acc.maps()
             difficulty.append(difficulty_scores(maps["mutual_information"].double(), y).cpu())
             mean_mi.append(maps["mutual_information"].flatten(1).mean(1).double().cpu())
-            n_kept = len(kept.get("image", ()))
             if n_kept < keep_maps:
                 take = slice(0, keep_maps - n_kept)
                 new = {"image": batch_images[take].permute(0, 3, 1, 2), "mask": batch_masks[take]}

@@ -179,13 +179,14 @@ def test_max_batches_limits_training_and_validation_batches(synthetic_32, monkey
     monkeypatch.setattr(pt, "build_model", counting_model)
     cfg = _config(method="dice", epochs=2, batch_size=4, max_batches=1, log_maps=0, tensorboard=False)
     result = pt.train(cfg, data=synthetic_32, evaluate_test=False)
-    assert seen == [(True, 4), (False, 4)] * 2
+    # Two epochs, then the kept weights once more over the same validation batch for the threshold.
+    assert seen == [(True, 4), (False, 4)] * 2 + [(False, 4)]
     assert result.summary["n_train"] > 4 and result.summary["n_val"] > 4  # the split itself is unchanged
     seen.clear()
     pt.train(cfg.replace(max_batches=0, epochs=1), data=synthetic_32, evaluate_test=False)
     n_train, n_val = result.summary["n_train"], result.summary["n_val"]
     assert sum(n for training, n in seen if training) == n_train
-    assert sum(n for training, n in seen if not training) == n_val
+    assert sum(n for training, n in seen if not training) == 2 * n_val
     with pytest.raises(ValueError, match="max_batches"):
         _config(max_batches=-1)
 
