@@ -43,7 +43,8 @@ HEADERS = {
 ZERO_EPS_LABEL = "polydice-eps+0.0"
 DICE_LOSS_LABEL = "dice"  # the Dice-loss baseline whose hardest images are the thesis's "difficult cases"
 HARDEST_FRACTION = 0.25  # the same count rule as polydice.metrics.hardest_quartile_mean
-SINGLE_FOLD_LABEL = re.compile(r"^adaptive-tuned-fold(\d+)$")  # studies/tune_adaptive.py --search-fold F
+# studies/tune_adaptive.py --search-fold F: adaptive-tuned-fold<F>, with -<rank> and -inner suffixes
+SINGLE_FOLD_LABEL = re.compile(r"^adaptive-tuned-fold(\d+)(?:-|$)")
 CONFIDENCE, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 0.95, 9999, 0
 # scipy >= 1.15 names the generator ``rng``; older versions ``random_state``.
 _BOOTSTRAP_RNG = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
@@ -64,7 +65,8 @@ def run_label(config: dict) -> str:
 
 
 def single_fold_of(label: str) -> int | None:
-    """The fold of a single-fold search's label (``adaptive-tuned-fold2`` → 2), else None."""
+    """The fold of a single-fold search's label (``adaptive-tuned-fold2``, ``adaptive-tuned-fold2-2`` → 2),
+    else None."""
     match = SINGLE_FOLD_LABEL.match(str(label))
     return int(match.group(1)) if match else None
 
@@ -310,9 +312,10 @@ def fold_ttest(values: np.ndarray, reference: np.ndarray) -> float:
 
 
 def choose_reference(labels, reference: str | None = None) -> str | None:
-    """``reference`` if given, else ``adaptive-tuned`` (nested search), else the first label starting
-    with ``adaptive-tuned`` (``adaptive-tuned-fold2``: a single-fold search), else
-    ``adaptive-thesis``, else the first ``adaptive*`` label.
+    """``reference`` if given, else ``adaptive-tuned`` (nested search), else the shortest label
+    starting with ``adaptive-tuned`` (``adaptive-tuned-fold2`` of a single-fold search rather than
+    its runner-up ``adaptive-tuned-fold2-2``), else ``adaptive-thesis``, else the first ``adaptive*``
+    label.
 
     Raises:
         ValueError: ``reference`` is not one of ``labels``.
@@ -324,7 +327,7 @@ def choose_reference(labels, reference: str | None = None) -> str | None:
         return reference
     if "adaptive-tuned" in labels:
         return "adaptive-tuned"
-    tuned = [name for name in labels if name.startswith("adaptive-tuned")]
+    tuned = sorted((name for name in labels if name.startswith("adaptive-tuned")), key=lambda n: (len(n), n))
     if tuned:
         return tuned[0]
     if "adaptive-thesis" in labels:
@@ -617,8 +620,8 @@ def best_config_section(path: Path, header: dict, per_fold: pd.DataFrame, out_di
         "single-fold": "a single-fold search: the controller was searched on one fold's training part and "
                        "tested on that fold only",
     }.get(protocol, f"protocol {protocol!r} (not described by this report)")
-    lines.append(f"From `{path}`: {described}. Each row is the best trial of that fold's study by "
-                 f"`{header.get('metric') or 'the search metric'}` (validation, never test)"
+    lines.append(f"From `{path}`: {described}. Each row is the best trial of that fold's study by the search "
+                 f"metric ({header.get('metric') or 'not named'}); the search never reads test images"
                  + (f"; storage {_redact(str(header['optuna_storage']))}" if header.get("optuna_storage") else "")
                  + ". [best_config_per_fold.csv](best_config_per_fold.csv)")
     lines.append("")
@@ -920,8 +923,9 @@ def _footnotes(table: pd.DataFrame, runs: pd.DataFrame, reference: str | None, u
         f"95 % CI: BCa bootstrap of the paired unit differences (scipy.stats.bootstrap, {BOOTSTRAP_RESAMPLES} "
         f"resamples, seed {BOOTSTRAP_SEED}; [–] below 2 units or where BCa is undefined). Wilcoxon p: two-sided signed-rank test over the "
         "units (p = 1 when every difference is 0), Holm-adjusted across the methods compared against the "
-        f"reference within the dataset ({family or 'no comparisons'}); the oracle row repeats its fixed-ε row "
-        "and is not counted in the family. Raw p in table.csv (`wilcoxon_p`, adjusted `wilcoxon_p_holm`). "
+        f"reference within the dataset ({family or 'no comparisons'})"
+        + ("; the oracle row repeats its fixed-ε row and is not counted in the family" if table["oracle"].any() else "")
+        + ". Raw p in table.csv (`wilcoxon_p`, adjusted `wilcoxon_p_holm`). "
         "Holm controls the family-wise error within one column, not across columns or metrics. Where the data "
         "give no grouping (Kvasir-SEG) images count as independent; images of one patient may still be correlated.",
         "⁵ Paired t-test of the per-fold mean test Dice over the shared folds (needs ≥ 3): with 5 folds it "

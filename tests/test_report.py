@@ -5,7 +5,9 @@ Image i of fold f has Dice ``base + slope * f + offset[i % 4]`` with offsets sum
 method's fold means are ``base + slope * f``: mean ``base + 2 slope`` and sample std
 ``slope * sqrt(2.5)`` over the folds. Difficulties are ``1 + (7 i mod 20) / 20`` plus a per-method
 term that cancels in the mean over methods, so every method ranks the images differently while the
-common hardest quarter is the hand-picked set {5, 8, 11, 14, 17}. No Ray, no training.
+common hardest quarter is the hand-picked set {5, 8, 11, 14, 17}. Every image is its own group
+(as on Kvasir-SEG), so the paired tests run per image; a small CVC-like set (``write_cvc``) has
+video sequences of several frames. No Ray, no training.
 """
 
 from __future__ import annotations
@@ -354,6 +356,10 @@ def test_bad_input(tmp_path, capsys):
     assert report.main(["--results", str(missing), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "nowhere" in err
+    assert report.main(["--results", str(missing), "--out", str(tmp_path / "out"), "--study-name", "a"]) == 2
+    assert "--study-name needs --optuna-storage" in capsys.readouterr().err
+    assert report.main(["--results", str(missing), "--out", str(tmp_path / "out"), "--optuna-storage", "x"]) == 2
+    assert "needs --study-name or --best-config" in capsys.readouterr().err
 
 
 def test_cli_prints_the_table_path(study, tmp_path, capsys):
@@ -555,6 +561,11 @@ def test_choose_reference_prefers_the_tuned_adaptive_method():
     assert report.choose_reference(["dice", "adaptive-thesis", "adaptive-x"]) == "adaptive-thesis"
     assert report.choose_reference(["dice", "adaptive-x"]) == "adaptive-x"
     assert report.choose_reference(["dice"]) is None
+    # the best configuration, not its runner-up, even where the runner-up sorts first
+    assert report.choose_reference(["adaptive-tuned-2-inner", "adaptive-tuned-inner"]) == "adaptive-tuned-inner"
+    assert report.choose_reference(["adaptive-tuned-fold2-2", "adaptive-tuned-fold2"]) == "adaptive-tuned-fold2"
+    assert [report.single_fold_of(x) for x in ("adaptive-tuned-fold2", "adaptive-tuned-fold12-2-inner",
+                                               "adaptive-tuned", "adaptive-tuned-2", "dice")] == [2, 12, None, None, None]
 
 
 def test_single_fold_search_is_labelled(tmp_path):
@@ -630,7 +641,7 @@ def test_best_config_per_fold_and_spread(study, tmp_path):
         np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
     assert (spread["n_folds"] == 3).all()
     section = md.split("## Best configuration per fold")[1].split("## Plots")[0]
-    assert "nested cross-validation" in section and "`best_val_dice` (validation, never test)" in section
+    assert "nested cross-validation" in section and "search metric (best_val_dice)" in section
     assert "| 0 | `adaptive-fold0` | 3 | 8 | 0.7100 | 2 | 25 | 10 | 10 | 0 | 0.5 |" in section
     assert "| `e0` | 5 | 15 | 10 | 5 | 0.5 |" in section
     assert "| `eps_min` | 0 | 0 | 0 | 0 | – |" in section
