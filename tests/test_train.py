@@ -6,6 +6,7 @@ Runs are tiny (32 px, 4–8 base channels, a few epochs) so that the module take
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -16,11 +17,12 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 import polydice.train as pt
-from polydice.config import TrainConfig
+from polydice.config import DATASETS, METHODS, SCALES, TrainConfig
 from polydice.data import load_dataset
-from polydice.model import UNet
+from polydice.model import UNet, load_model_file
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_KEYS = ("test_dice", "test_iou", "test_precision", "test_recall", "test_nsd", "test_nll", "test_brier",
@@ -99,6 +101,94 @@ def test_tensorboard_has_the_loss_dice_and_epsilon_histograms(adaptive_run):
     assert {"epsilon", "difficulty"} <= set(tags["histograms"])
     assert [e.step for e in acc.Histograms("epsilon")] == [2, 3]
     assert tags["images"], "no uncertainty maps"
+
+
+# ============================================================================ model.pt and the selected epoch
+
+
+def _val_idx(data, cfg: TrainConfig) -> np.ndarray:
+    return pt.make_folds(data.groups, cfg.folds, seed=cfg.split_seed, val_fraction=cfg.val_fraction)[cfg.fold][1]
+
+
+def test_model_file_holds_the_best_epoch_and_rebuilds_its_validation_dice(adaptive_run, synthetic_32):
+    """model.pt loads with weights_only=True; its epoch and validation Dice are the best of the
+    history; the model rebuilt from it alone gives that validation Dice again, and at its
+    threshold the Dice recorded in summary.json."""
+    result, out = adaptive_run
+    summary = json.loads((out / "summary.json").read_text())
+    payload = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+    assert {"config", "model", "epoch", "val_dice", "threshold"} <= set(payload)
+    model, info = load_model_file(out / "model.pt")
+    assert TrainConfig.from_dict(info["config"]) == _config()
+
+    history = result.history
+    best = history.loc[history["val_dice"].idxmax()]  # the first of equal maxima, as the run keeps it
+    assert info["epoch"] == int(best["epoch"]) == summary["best_epoch"] == summary["model_epoch"]
+    assert info["val_dice"] == pytest.approx(best["val_dice"], abs=1e-12) == summary["val_dice"]
+
+    assert info["threshold"] in pt.THRESHOLDS and 0.05 <= info["threshold"] <= 0.95
+    assert summary["val_threshold"] == info["threshold"]
+    # 0.5 is on the grid: the chosen threshold is at least as good on the validation split.
+    assert summary["val_dice_at_threshold"] >= summary["val_dice"] - 1e-12
+
+    cfg = _config()
+    val_idx, hw = _val_idx(synthetic_32, cfg), pt._Hardware(cfg)
+    assert pt._validation_dice(model, synthetic_32, val_idx, hw, cfg.batch_size) == pytest.approx(info["val_dice"], abs=1e-9)
+    threshold, dice = pt._validation_threshold(model, synthetic_32, val_idx, hw, cfg.batch_size)
+    assert (threshold, dice) == (info["threshold"], pytest.approx(summary["val_dice_at_threshold"], abs=1e-9))
+
+
+def test_validation_threshold_is_the_best_of_the_grid_nearest_one_half_on_ties(synthetic_32, monkeypatch):
+    """Hand-made probabilities: a lesion at 0.3 and background at 0.1 are separated exactly by the
+    thresholds 0.1 ... 0.25; of these equal best ones, 0.25 is nearest 0.5."""
+    cfg = _config()
+    idx = np.array([1, 2, 3])
+    masks = torch.from_numpy(synthetic_32.masks[idx]).float()
+
+    class Fixed(nn.Module):
+        def forward(self, x):
+            probs = 0.1 + 0.2 * masks[: len(x)]
+            return torch.stack([torch.log1p(-probs), torch.log(probs)], 1)  # softmax gives back probs
+
+    threshold, dice = pt._validation_threshold(Fixed(), synthetic_32, idx, pt._Hardware(cfg), 8)
+    assert threshold == 0.25 and dice == pytest.approx(1.0)
+    assert pt._validation_threshold(Fixed(), synthetic_32, idx[:0], pt._Hardware(cfg), 8)[0] == 0.5
+
+
+def test_test_metrics_and_model_file_come_from_the_best_validation_epoch(synthetic_32, tmp_path, monkeypatch):
+    """Validation scores scripted so that epoch 2 of 4 is the best: model.pt holds exactly the
+    weights of epoch 2, and the test metrics are those of epoch 2's weights, which differ from
+    the last epoch's."""
+    cfg = _config(method="dice", epochs=4, log_maps=0, tensorboard=False)
+    scores = iter([0.3, 0.9, 0.5, 0.7])
+    monkeypatch.setattr(pt, "_validation_dice", lambda *args: next(scores))
+    weights = {}
+
+    def report(metrics, state):
+        weights[metrics["epoch"]] = state["run"]["model"]
+
+    result = pt.train(cfg, report, data=synthetic_32, out_dir=tmp_path, checkpoint_every=1)
+    assert result.summary["best_epoch"] == result.summary["model_epoch"] == 2
+    assert result.summary["val_dice"] == 0.9
+
+    _, info = load_model_file(tmp_path / "model.pt")
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)["model"]
+    assert info["epoch"] == 2 and info["val_dice"] == 0.9
+    assert all(torch.equal(saved[k], weights[2][k]) for k in weights[2])
+
+    test_idx = pt.make_folds(synthetic_32.groups, cfg.folds, seed=cfg.split_seed, val_fraction=cfg.val_fraction)[0][2]
+
+    def test_metrics(epoch):
+        model = pt.build_model(cfg)
+        model.load_state_dict(weights[epoch])
+        metrics = lambda probs, masks: pt.all_metrics(probs, masks, cfg.nsd_tolerance)  # noqa: E731
+        return pt._per_image_metrics(model, synthetic_32, test_idx, pt._Hardware(cfg), cfg.batch_size, metrics)
+
+    best, last = test_metrics(2), test_metrics(4)
+    for key in ("dice", "iou", "nsd", "nll", "brier"):
+        np.testing.assert_allclose(result.per_image[key].to_numpy(), best[key].numpy(), rtol=0, atol=1e-12, err_msg=key)
+    assert not np.allclose(best["nll"].numpy(), last["nll"].numpy()), "epochs 2 and 4 do not differ: the test is blind"
+    assert result.summary["test_dice"] == pytest.approx(float(best["dice"].mean()), abs=1e-12)
 
 
 # ============================================================================ determinism and resume
@@ -255,7 +345,7 @@ def test_cli_writes_the_run_folder(tmp_path):
                 *TINY, "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test Dice" in proc.stdout
-    for name in ("summary.json", "epsilon.csv", "per_image.csv", "history.csv"):
+    for name in ("model.pt", "checkpoint.pt", "summary.json", "epsilon.csv", "per_image.csv", "history.csv"):
         assert (out / name).exists(), name
     assert list(out.glob("events.out.tfevents.*"))
 
@@ -323,6 +413,122 @@ def test_loader_reads_what_the_cli_reads(tmp_path):
     """The fixture folder is valid as written: the failures above come from the one broken file."""
     data = load_dataset("kvasir", _kvasir(tmp_path / "kvasir"), 32)
     assert data.images.shape == (6, 32, 32, 3) and set(np.unique(data.masks)) == {0, 1}
+
+
+# ============================================================================ command line: checkpoint and resume
+
+RESUME_RUN = ["--n-synthetic", "40", "--image-size", "32", "--base-channels", "4", "--batch-size", "8",
+              "--epochs", "4", "--e0", "2", "--tau", "2", "--mc-samples", "3", "--log-maps", "0", "--no-tensorboard",
+              "--no-progress"]
+
+
+class _Interrupted(Exception):
+    """Stands for the process being killed in the middle of an epoch."""
+
+
+def _outputs(out: Path) -> dict:
+    model = torch.load(out / "model.pt", weights_only=True)
+    summary = json.loads((out / "summary.json").read_text())
+    return {
+        "summary": {k: v for k, v in summary.items() if isinstance(v, (int, float))},
+        "config": summary["config"],
+        "history": pd.read_csv(out / "history.csv").drop(columns="epoch_seconds"),
+        "epsilon": pd.read_csv(out / "epsilon.csv"),
+        "per_image": pd.read_csv(out / "per_image.csv"),
+        "model": model,
+    }
+
+
+def _assert_same_outputs(a: dict, b: dict) -> None:
+    assert a["config"] == b["config"]
+    assert a["summary"] == pytest.approx(b["summary"], abs=1e-12)
+    for key in ("history", "epsilon", "per_image"):
+        pd.testing.assert_frame_equal(a[key], b[key], check_exact=True, obj=key)
+    assert {k: v for k, v in a["model"].items() if k != "model"} == {k: v for k, v in b["model"].items() if k != "model"}
+    assert all(torch.equal(a["model"]["model"][k], b["model"]["model"][k]) for k in a["model"]["model"])
+
+
+def test_cli_resume_of_an_interrupted_run_equals_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    """The command line checkpoints every epoch with --checkpoint-every 1; killed during epoch 4,
+    ``--resume DIR`` continues from DIR/checkpoint.pt (epoch 3, loaded with weights_only=True)
+    with the saved config and ends with the outputs and model.pt of a run that never stopped."""
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert pt.main([*RESUME_RUN, "--out", str(whole)]) == 0
+    assert (whole / "checkpoint.pt").exists() and (whole / "model.pt").exists()
+
+    real = pt._train_epoch
+
+    def killed_in_epoch_4(run, epoch, *args, **kwargs):
+        if epoch == 4:
+            raise _Interrupted
+        return real(run, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(pt, "_train_epoch", killed_in_epoch_4)
+    with pytest.raises(_Interrupted):
+        pt.main([*RESUME_RUN, "--checkpoint-every", "1", "--out", str(broken)])
+    monkeypatch.setattr(pt, "_train_epoch", real)
+    checkpoint = torch.load(broken / "checkpoint.pt", weights_only=True)
+    assert checkpoint["run"]["epoch"] == 3 and not (broken / "model.pt").exists()
+    assert not list(broken.glob("*.tmp"))
+
+    capsys.readouterr()
+    assert pt.main(["--resume", str(broken), "--no-progress"]) == 0, capsys.readouterr().err
+    _assert_same_outputs(_outputs(whole), _outputs(broken))
+    assert torch.load(broken / "checkpoint.pt", weights_only=True)["run"]["epoch"] == 4
+
+
+def test_cli_resume_may_add_epochs_and_refuses_other_changes(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert pt.main([*RESUME_RUN, "--epochs", "2", "--method", "dice", "--out", str(run)]) == 0
+    first = pd.read_csv(run / "history.csv")
+
+    assert pt.main(["--resume", str(run), "--epochs", "3", "--no-progress"]) == 0
+    longer = pd.read_csv(run / "history.csv")
+    assert longer["epoch"].tolist() == [1, 2, 3]
+    pd.testing.assert_frame_equal(longer.iloc[:2].drop(columns="epoch_seconds"), first.drop(columns="epoch_seconds"))
+    assert json.loads((run / "summary.json").read_text())["config"]["epochs"] == 3
+
+    capsys.readouterr()
+    assert pt.main(["--resume", str(run), "--lr", "0.1", "--method", "dice", "--no-progress"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--lr 0.1" in errors[0] and "--method" not in errors[0], errors
+    assert "--epochs" in errors[0]  # names what may change
+    assert pt.main(["--resume", str(run), "--epochs", "1", "--no-progress"]) == 2
+    assert "past epochs=1" in capsys.readouterr().err
+    assert pt.main(["--resume", str(tmp_path / "nowhere"), "--no-progress"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and str(tmp_path / "nowhere" / "checkpoint.pt") in errors[0]
+
+
+# ============================================================================ command line: flags
+
+
+def test_every_config_field_has_a_flag_with_help_and_default():
+    parser = pt.build_parser()
+    by_dest = {action.dest: action for action in parser._actions}
+    text = parser.format_help()
+    for f in dataclasses.fields(TrainConfig):
+        action = by_dest.get(f.name)
+        assert action is not None, f"no flag for {f.name}"
+        assert pt.flag_of(f.name) in action.option_strings
+        assert action.help and "(default: " in action.help, f.name
+        assert pt.flag_of(f.name) in text
+    assert set(by_dest["method"].choices) == set(METHODS) and set(by_dest["dataset"].choices) == set(DATASETS)
+    assert set(by_dest["polydice_scale"].choices) == set(SCALES)
+
+
+def test_flags_parse_to_config_values_and_only_given_ones_are_set():
+    args = pt.build_parser().parse_args([
+        "--no-augment", "--no-amp", "--compile", "--out", "o", "--no-progress", "--eps-min", "0.1",
+        "--polydice-scale", "inner", "--no-pm-include-background", "--weight-decay", "1e-4", "--tag", "x",
+        "--data-dir", "d", "--channels-last",
+    ])
+    given = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names()}
+    assert given == {"augment": False, "amp": False, "compile": True, "eps_min": 0.1, "polydice_scale": "inner",
+                     "pm_include_background": False, "weight_decay": 1e-4, "tag": "x", "data_dir": "d",
+                     "channels_last": True}
+    assert (args.out, args.progress, args.resume, args.checkpoint_every) == ("o", False, None, 0)
+    assert TrainConfig.from_dict(given).replace(dataset="synthetic").compile is True
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback of the device choices")
