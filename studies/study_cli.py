@@ -27,24 +27,31 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs per trial (default: 1)")
     g.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance (default: all)")
     g.add_argument("--max-concurrent", type=int, default=0, help="cap on trials running at once (default: as resources allow)")
-    g.add_argument("--max-failures", type=int, default=2, help="restarts of a trial from its last checkpoint after a worker dies")
+    g.add_argument("--max-failures", type=int, default=2, help="restarts of a trial from its last checkpoint after a worker dies (default: 2)")
     g.add_argument("--dashboard", action="store_true", help="start the Ray dashboard of a local run (bound to 127.0.0.1)")
 
     g = p.add_argument_group("storage")
-    g.add_argument("--storage-path", default="results", help="Tune results: a local folder, a shared NFS path or s3://... on a cluster")
+    g.add_argument("--storage-path", default="results", help="Tune results: a local folder, a shared NFS path or s3://... on a cluster (default: results)")
     g.add_argument("--resume", action="store_true", help="resume the interrupted study/grid of the same name")
 
     g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", choices=DATASETS, default="synthetic")
-    g.add_argument("--data-dir", default=None, help="dataset folder (Kvasir-SEG: images/ + masks/; CVC-ClinicDB: Original/ + Ground Truth/)")
+    g.add_argument("--dataset", choices=DATASETS, default="synthetic",
+                   help="dataset; synthetic is generated in memory (default: synthetic)")
+    g.add_argument("--data-dir", default=None,
+                   help="dataset folder (Kvasir-SEG: images/ + masks/; CVC-ClinicDB: Original/ + Ground Truth/)")
     g.add_argument("--sequence-csv", default=None, help="CVC-ClinicDB frame,sequence CSV overriding the official sequences")
-    g.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--image-size", type=int, default=None)
-    g.add_argument("--base-channels", type=int, default=None)
-    g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--mc-samples", type=int, default=None)
-    g.add_argument("--folds", type=int, default=5)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--epochs", type=int, default=None,
+                   help="training epochs (default: 200, the thesis; 30 on the synthetic set; 3 with --smoke)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="image side in pixels (default: 224; 64 on the synthetic set; 32 with --smoke)")
+    g.add_argument("--base-channels", type=int, default=None,
+                   help="U-Net width (default: 64, the thesis; 16 on the synthetic set; 4 with --smoke)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="batch size (default: 32; 16 on the synthetic set; 8 with --smoke)")
+    g.add_argument("--mc-samples", type=int, default=None,
+                   help="T, MC-Dropout passes per ε refresh (default: 10; 3 with --smoke)")
+    g.add_argument("--folds", type=int, default=5, help="cross-validation folds (default: 5)")
+    g.add_argument("--seed", type=int, default=0, help="training seed of every run (default: 0)")
     g.add_argument("--polydice-scale", choices=SCALES, default="norm",
                    help="PolyDice scale s: 'norm' is thesis Eq. 2 (Dice = s·cos θ), 'inner' the thesis's printed "
                         "formula, an ablation (default: norm)")

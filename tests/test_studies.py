@@ -634,7 +634,16 @@ def test_report_of_a_finished_study(finished_study):
     assert not table.loc[~table["label"].str.contains("oracle"), "oracle"].any()
     md = (report / "table.md").read_text()
     assert "oracle, not a method" in md
-    for png in ("dice_per_method.png", "eps_vs_difficulty.png", "search_history.png"):
+    # The thesis's hard cases (the Dice-loss baseline's worst quarter) and the paired statistics.
+    assert table["dice_loss_hard_dice"].notna().all(), table[["label", "dice_loss_hard_dice"]]
+    others = table[~table["oracle"] & (table["label"] != "adaptive-tuned")]
+    assert others["wilcoxon_p_holm"].notna().all() and (others["wilcoxon_p_holm"] >= others["wilcoxon_p"]).all()
+    assert (others["dice_diff_ci_low"] <= others["dice_diff_ci_high"]).all()
+    assert set(table["pair_unit"].dropna()) == {"image"}  # synthetic images are independent
+    assert "Best configuration per fold" in md
+    assert len(pd.read_csv(report / "best_config_per_fold.csv")) == finished_study["folds"]
+    for png in ("dice_per_method.png", "eps_vs_difficulty.png", "search_history_adaptive-fold0.png",
+                "search_history_adaptive-fold1.png"):
         path = report / png
         assert path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         assert f"]({png})" in md
