@@ -332,6 +332,26 @@ def save_model_file(
     os.replace(tmp, path)
 
 
+def _one_line(exc: Exception, limit: int = 200) -> str:
+    """The gist of a torch error in one line: unpickling and state-dict errors go on for paragraphs.
+
+    ``load_state_dict`` lists one problem per line under a heading; the first is kept and the rest
+    counted. A weights-only unpickling error opens with advice about ``weights_only`` that does not
+    apply to a damaged file; its actual reason follows ``WeightsUnpickler error:``.
+    """
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if lines[0].startswith("Error(s) in loading state_dict") and len(lines) > 1:
+        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+        return lines[1][:limit] + more
+    return lines[0][:limit]
+
+
 def load_model_file(path, map_location: str | torch.device = "cpu") -> tuple["UNet", dict]:
     """Rebuild the U-Net of a ``model.pt`` in eval mode.
 
@@ -348,7 +368,7 @@ def load_model_file(path, map_location: str | torch.device = "cpu") -> tuple["UN
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated, corrupt, or not a torch file at all
-        raise ModelFileError(f"{path}: not a readable model file ({type(exc).__name__}: {exc})") from exc
+        raise ModelFileError(f"{path}: not a readable model file ({type(exc).__name__}: {_one_line(exc)})") from exc
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FILE_FORMAT:
         raise ModelFileError(f"{path}: not a polydice model file (no format {MODEL_FILE_FORMAT!r})")
     if payload.get("version") != MODEL_FILE_VERSION:
@@ -358,7 +378,7 @@ def load_model_file(path, map_location: str | torch.device = "cpu") -> tuple["UN
         model = UNet(3, 2, int(config["base_channels"]), float(config["dropout"]))
         model.load_state_dict(payload["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise ModelFileError(f"{path}: weights do not fit the U-Net its config describes ({exc})") from exc
+        raise ModelFileError(f"{path}: weights do not fit the U-Net its config describes ({_one_line(exc)})") from exc
     model.eval()
     info = {key: payload[key] for key in ("config", "epoch", "val_dice", "threshold")}
     return model, info
