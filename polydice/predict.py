@@ -52,10 +52,12 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+from tqdm import tqdm
 
 from .data import CVC_LAYOUTS, IMAGE_SUFFIXES, DataError, _as_rgb8, _read, _resize
 from .losses import foreground_probs
 from .model import ModelFileError, UNet, load_model_file, to_input
+from .train import resolve_device
 from .uncertainty import _autocast, binary_entropy, difficulty_scores, estimate_uncertainty
 
 MODEL_FILE = "model.pt"
@@ -401,8 +403,6 @@ def predict_folder(
     for name in folders:
         (out / name).mkdir(parents=True, exist_ok=True)
 
-    from tqdm import tqdm
-
     bar = tqdm(total=len(paths), desc="predict", unit="image", disable=not progress, file=sys.stderr)
     for path, reason in skipped:
         bar.write(f"skipped {path}: {reason}", file=sys.stderr)
@@ -523,8 +523,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .train import resolve_device
-
     try:
         device = resolve_device(args.device)
         ensemble = load_ensemble(args.model, args.method).to(device)
