@@ -133,7 +133,8 @@ def test_model_file_holds_the_best_epoch_and_rebuilds_its_validation_dice(adapti
 
     cfg = _config()
     val_idx, hw = _val_idx(synthetic_32, cfg), pt._Hardware(cfg)
-    assert pt._validation_dice(model, synthetic_32, val_idx, hw, cfg.batch_size) == pytest.approx(info["val_dice"], abs=1e-9)
+    val_dice = pt._validation_dice(model, synthetic_32, val_idx, hw, cfg.batch_size)
+    assert val_dice == pytest.approx(info["val_dice"], abs=1e-9)
     threshold, dice = pt._validation_threshold(model, synthetic_32, val_idx, hw, cfg.batch_size)
     assert (threshold, dice) == (info["threshold"], pytest.approx(summary["val_dice_at_threshold"], abs=1e-9))
 
@@ -178,13 +179,13 @@ def test_test_metrics_and_model_file_come_from_the_best_validation_epoch(synthet
 
     test_idx = pt.make_folds(synthetic_32.groups, cfg.folds, seed=cfg.split_seed, val_fraction=cfg.val_fraction)[0][2]
 
-    def test_metrics(epoch):
+    def metrics_of(epoch):
         model = pt.build_model(cfg)
         model.load_state_dict(weights[epoch])
         metrics = lambda probs, masks: pt.all_metrics(probs, masks, cfg.nsd_tolerance)  # noqa: E731
         return pt._per_image_metrics(model, synthetic_32, test_idx, pt._Hardware(cfg), cfg.batch_size, metrics)
 
-    best, last = test_metrics(2), test_metrics(4)
+    best, last = metrics_of(2), metrics_of(4)
     for key in ("dice", "iou", "nsd", "nll", "brier"):
         np.testing.assert_allclose(result.per_image[key].to_numpy(), best[key].numpy(), rtol=0, atol=1e-12, err_msg=key)
     assert not np.allclose(best["nll"].numpy(), last["nll"].numpy()), "epochs 2 and 4 do not differ: the test is blind"
@@ -444,7 +445,8 @@ def _assert_same_outputs(a: dict, b: dict) -> None:
     assert a["summary"] == pytest.approx(b["summary"], abs=1e-12)
     for key in ("history", "epsilon", "per_image"):
         pd.testing.assert_frame_equal(a[key], b[key], check_exact=True, obj=key)
-    assert {k: v for k, v in a["model"].items() if k != "model"} == {k: v for k, v in b["model"].items() if k != "model"}
+    info = lambda payload: {k: v for k, v in payload.items() if k != "model"}  # noqa: E731
+    assert info(a["model"]) == info(b["model"])
     assert all(torch.equal(a["model"]["model"][k], b["model"]["model"][k]) for k in a["model"]["model"])
 
 
