@@ -47,6 +47,7 @@ def init_ray(
     num_cpus: int | None = None,
     num_gpus: float | None = None,
     dashboard: bool = False,
+    log_to_driver: bool = True,
 ) -> str:
     """Connect to a cluster, or start a local Ray instance bound to loopback.
 
@@ -57,6 +58,8 @@ def init_ray(
             GPUs on a CPU machine lets Ray schedule 0.5-GPU trials exactly as on a GPU node
             (torch then finds no CUDA device and the trial runs on the CPU).
         dashboard: start the dashboard of a local instance (on 127.0.0.1).
+        log_to_driver: print the trials' own output in this process (off for a compact console:
+            a failed trial's traceback is still in its folder's ``error.txt``).
 
     Returns:
         ``"cluster"`` or ``"local"``.
@@ -65,7 +68,7 @@ def init_ray(
     if ray.is_initialized():
         return "cluster" if address else "local"
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
         return "cluster"
     # By default Ray registers the host's network address and listens on every interface, even
     # for a laptop run; with this variable set to 0 every Ray port binds 127.0.0.1. The processes
@@ -82,7 +85,7 @@ def init_ray(
         include_dashboard=dashboard,
         dashboard_host=LOOPBACK,
         _node_ip_address=LOOPBACK,
-        log_to_driver=True,
+        log_to_driver=log_to_driver,
     )
     return "local"
 
@@ -205,6 +208,7 @@ def run_config(
     max_failures: int = 2,
     stop: dict | None = None,
     verbose: int = 1,
+    callbacks: list | None = None,
 ) -> tune.RunConfig:
     return tune.RunConfig(
         name=name,
@@ -220,6 +224,7 @@ def run_config(
         sync_config=tune.SyncConfig(sync_artifacts=True),
         stop=stop,
         verbose=verbose,
+        callbacks=callbacks,
     )
 
 

@@ -29,6 +29,8 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-concurrent", type=int, default=0, help="cap on trials running at once (default: as resources allow)")
     g.add_argument("--max-failures", type=int, default=2, help="restarts of a trial from its last checkpoint after a worker dies (default: 2)")
     g.add_argument("--dashboard", action="store_true", help="start the Ray dashboard of a local run (bound to 127.0.0.1)")
+    g.add_argument("--verbose", action="store_true",
+                   help="Ray Tune's progress tables and every trial's log (default: one line per finished trial)")
 
     g = p.add_argument_group("storage")
     g.add_argument("--storage-path", default="results", help="Tune results: a local folder, a shared NFS path or s3://... on a cluster (default: results)")
@@ -48,6 +50,7 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
                    help="U-Net width (default: 64, the thesis; 16 on the synthetic set; 4 with --smoke)")
     g.add_argument("--batch-size", type=int, default=None,
                    help="batch size (default: 32; 16 on the synthetic set; 8 with --smoke)")
+    g.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: 1e-3, the thesis)")
     g.add_argument("--mc-samples", type=int, default=None,
                    help="T, MC-Dropout passes per ε refresh (default: 10; 3 with --smoke)")
     g.add_argument("--folds", type=int, default=5, help="cross-validation folds (default: 5)")
@@ -67,11 +70,45 @@ def base_config(args: argparse.Namespace, **extra) -> TrainConfig:
         values.update(image_size=64, base_channels=16, epochs=30, batch_size=16)
     if args.smoke:
         values.update(SMOKE)
-    for flag in ("epochs", "image_size", "base_channels", "batch_size", "mc_samples"):
+    for flag in ("epochs", "image_size", "base_channels", "batch_size", "lr", "mc_samples"):
         if getattr(args, flag) is not None:
             values[flag] = getattr(args, flag)
     values.update(extra)
     return TrainConfig.from_dict(values)
+
+
+def progress(args: argparse.Namespace) -> dict:
+    """``run_config`` settings for the study's console output: Tune's tables with ``--verbose``,
+    else one line per finished trial."""
+    if args.verbose:
+        return {"verbose": 1}
+    from ray import tune
+
+    class TrialLines(tune.Callback):
+        def __init__(self):
+            self.done = 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            self._line(trials, trial, "done")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.done += 1
+            self._line(trials, trial, "FAILED (its error is in the trial folder's error.txt)")
+
+        def _line(self, trials, trial, status):
+            config, result = trial.config, trial.last_result or {}
+            what = config.get("overrides", {}).get("tag") or ", ".join(
+                f"{k}={config[k]:.3g}" for k in ("k", "q", "e0", "tau", "eps_min", "eps_max") if k in config)
+            fold = config.get("fold", config.get("overrides", {}).get("fold", "?"))
+            score = ""
+            if "best_val_dice" in result:
+                score = f": val Dice {result['best_val_dice']:.4f} (epoch {result.get('best_epoch', '?')})"
+            if "test_dice" in result:
+                score += f", test Dice {result['test_dice']:.4f}"
+            print(f"  [{self.done}/{len(trials)}] fold {fold} {what}{score} {status}", flush=True)
+
+    return {"verbose": 0, "callbacks": [TrialLines()]}
 
 
 def redact(url: str) -> str:
@@ -105,7 +142,8 @@ def start_ray(args: argparse.Namespace) -> str:
     from polydice.tune import init_ray
 
     local_gpus = args.num_gpus if not (args.address or os.environ.get("RAY_ADDRESS")) else None
-    mode = init_ray(args.address, num_cpus=args.num_cpus, num_gpus=local_gpus, dashboard=args.dashboard)
+    mode = init_ray(args.address, num_cpus=args.num_cpus, num_gpus=local_gpus, dashboard=args.dashboard,
+                    log_to_driver=args.verbose)
     if args.num_gpus is None:
         args.num_gpus = detect_gpus(mode)
     return mode

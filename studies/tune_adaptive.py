@@ -130,7 +130,8 @@ def search_fold(args, fold: int, base, trainable, optuna_url: str, num_samples: 
             trainable,
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
                                         num_samples=num_samples, max_concurrent_trials=concurrent or None),
-            run_config=run_config(name, args.storage_path, max_failures=args.max_failures),
+            run_config=run_config(name, args.storage_path, max_failures=args.max_failures,
+                                  **study_cli.progress(args)),
         )
 
     print(f"search: fold {fold}, {num_samples} trials on its training part (study {name!r})")
@@ -238,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                 final_trainable,
                 param_space={"overrides": tune.grid_search(overrides)},
                 tune_config=tune.TuneConfig(max_concurrent_trials=concurrent or None),
-                run_config=run_config(final_name, args.storage_path, max_failures=args.max_failures),
+                run_config=run_config(final_name, args.storage_path, max_failures=args.max_failures,
+                                  **study_cli.progress(args)),
             )
 
         print(f"final: {len(overrides)} runs, each fold's best configuration tested on that fold")
