@@ -2,10 +2,11 @@
 
 The test starts munged, slurmctld and slurmd from the distribution's packages (installed with
 apt-get where missing, else the test is skipped), with a ``slurm.conf`` it writes into a temporary
-folder, and submits the script as a user on a CPU partition would: ``sbatch --gpus-per-node=0
---cpus-per-task=N cluster/slurm.sbatch --smoke ...``. It waits for the job, then checks that the
-study finished and wrote its results, and that while the job ran every Ray port of the job listened
-on loopback only (a one-node job needs nothing else).
+folder, and submits the script as a user on a CPU partition would: ``sbatch --nodes=1
+--gpus-per-node=0 --cpus-per-task=N cluster/slurm.sbatch --smoke ...``. It waits for the job, then
+checks that the study finished and wrote its results, and that while the job ran every Ray port of
+the job listened on loopback only (a one-node job needs nothing else): the listening sockets of
+the job's processes are sampled every 0.3 s.
 
 Every process the test starts (the three daemons, and through them the job's Ray processes)
 carries a marker in its environment; the teardown kills each of them by pid, also when the test
@@ -43,6 +44,8 @@ SBATCH = REPO / "cluster" / "slurm.sbatch"
 PROGRAMS = {"sbatch": "slurm-wlm", "slurmctld": "slurm-wlm", "slurmd": "slurm-wlm", "munged": "munge"}
 MARKER = "POLYDICE_SLURM_TEST"
 STUDY = "slurm-smoke"
+# A small study: one search trial on the first of two folds, then that fold's final run.
+STUDY_FLAGS = ["--smoke", "--num-samples", "1", "--folds", "2", "--search-fold", "0"]
 JOB_TIMEOUT = 300
 # Job steps' own launchers: they are SLURM's, not Ray's, and bind whatever the host name resolves to.
 SLURM_PROCESSES = {"srun", "slurmstepd", "sbatch"}
@@ -57,8 +60,8 @@ def ensure_slurm() -> None:
     missing = sorted({pkg for prog, pkg in PROGRAMS.items() if not _which(prog)})
     if not missing:
         return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip(f"{', '.join(missing)} not installed, and installing needs root and apt-get")
+    if not shutil.which("apt-get"):
+        pytest.skip(f"{', '.join(missing)} not installed, and no apt-get to install them")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     try:
         for cmd in (["apt-get", "update", "-qq"],
@@ -278,9 +281,9 @@ def _is_loopback(address: str) -> bool:
 
 @pytest.fixture
 def slurm():
-    ensure_slurm()
     if os.geteuid() != 0:
         pytest.skip("slurmd must run as root to start job steps")
+    ensure_slurm()
     if not (Path(sys.prefix) / "bin" / "activate").exists():
         pytest.skip(f"the job activates a virtualenv; {sys.prefix} is none")
     cluster = OneNodeSlurm()
@@ -290,16 +293,6 @@ def slurm():
     finally:
         left = cluster.stop()
         assert not left, f"processes survived the teardown: {left}"
-
-
-def _study_flags() -> list[str]:
-    """A small study: one search trial on one of two folds, then its final run."""
-    help_text = subprocess.run([sys.executable, str(REPO / "studies" / "tune_adaptive.py"), "--help"],
-                               capture_output=True, text=True, timeout=120, cwd=REPO).stdout
-    flags = ["--smoke", "--num-samples", "1", "--folds", "2"]
-    if "--search-fold" in help_text:
-        flags += ["--search-fold", "0"]
-    return flags
 
 
 def test_sbatch_runs_a_smoke_study_on_a_cpu_partition(slurm, tmp_path):
@@ -321,7 +314,7 @@ def test_sbatch_runs_a_smoke_study_on_a_cpu_partition(slurm, tmp_path):
         with ListenerLog(slurm.token) as listeners:
             submitted = slurm.run(
                 "sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", f"--cpus-per-task={slurm.cpus}", "--time=10",
-                f"--output={out_file}", str(SBATCH), *_study_flags(), env=env, cwd=tmp_path)
+                f"--output={out_file}", str(SBATCH), *STUDY_FLAGS, env=env, cwd=tmp_path)
             job_id = submitted.stdout.strip().split(";")[0]
             listeners.job_id = job_id
             submit = time.monotonic()
