@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
-	$(BIN)/python studies/tune_adaptive.py --smoke --storage-path results
+	$(BIN)/python studies/demo.py --storage-path results
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

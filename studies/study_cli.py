@@ -40,8 +40,9 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", choices=DATASETS, default="synthetic",
                    help="dataset; synthetic is generated in memory (default: synthetic)")
     g.add_argument("--data-dir", default=None,
-                   help="dataset folder (Kvasir-SEG: images/ + masks/; CVC-ClinicDB: Original/ + Ground Truth/)")
-    g.add_argument("--sequence-csv", default=None, help="CVC-ClinicDB frame,sequence CSV overriding the official sequences")
+                   help="dataset folder (Kvasir-SEG: images/ + masks/; CVC-ClinicDB: Original/ + Ground Truth/); "
+                        "needed unless --dataset synthetic (default: none)")
+    g.add_argument("--sequence-csv", default=None, help="CVC-ClinicDB frame,sequence CSV overriding the official sequences (default: the 29 official ones)")
     g.add_argument("--epochs", type=int, default=None,
                    help="training epochs (default: 200, the thesis; 30 on the synthetic set; 3 with --smoke)")
     g.add_argument("--image-size", type=int, default=None,
@@ -77,12 +78,26 @@ def base_config(args: argparse.Namespace, **extra) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
-def progress(args: argparse.Namespace) -> dict:
+def progress(args: argparse.Namespace, total: int | None = None) -> dict:
     """``run_config`` settings for the study's console output: Tune's tables with ``--verbose``,
     else one line per finished trial."""
     if args.verbose:
         return {"verbose": 1}
+    import logging
+
     from ray import tune
+
+    # Tune's new console output prints an experiment box even at verbose 0; the legacy reporter
+    # prints nothing there. Its INFO lines and the snapshot-frequency advice are noise on a console.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    except ImportError:
+        pass
 
     class TrialLines(tune.Callback):
         def __init__(self):
@@ -102,13 +117,24 @@ def progress(args: argparse.Namespace) -> dict:
                 f"{k}={config[k]:.3g}" for k in ("k", "q", "e0", "tau", "eps_min", "eps_max") if k in config)
             fold = config.get("fold", config.get("overrides", {}).get("fold", "?"))
             score = ""
-            if "best_val_dice" in result:
-                score = f": val Dice {result['best_val_dice']:.4f} (epoch {result.get('best_epoch', '?')})"
+            val = result.get("best_val_dice", result.get("val_dice"))
+            if val is not None:
+                score = f": val Dice {val:.4f} (epoch {result.get('best_epoch', '?')})"
             if "test_dice" in result:
                 score += f", test Dice {result['test_dice']:.4f}"
-            print(f"  [{self.done}/{len(trials)}] fold {fold} {what}{score} {status}", flush=True)
+            print(f"  [{self.done}/{total or len(trials)}] fold {fold} {what}{score} {status}", flush=True)
 
     return {"verbose": 0, "callbacks": [TrialLines()]}
+
+
+def trial_dirname(trial) -> str:
+    """A trial's folder (and TensorBoard run) named by what it trains: ``dice-fold2-<id>``,
+    ``adaptive-tuned-fold0-<id>``, ``search-fold1-<id>``, not by a dict of overrides."""
+    config = trial.config
+    overrides = config.get("overrides", {})
+    label = overrides.get("tag") or config.get("tag") or ("search" if "k" in config else "trial")
+    fold = overrides.get("fold", config.get("fold", "x"))
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{label}-fold{fold}-{trial.trial_id}")
 
 
 def redact(url: str) -> str:

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search and test this outer fold only (default: every fold, nested)")
     g.add_argument("--final-top", type=int, default=1,
                    help="re-run each fold's best N configurations on that fold and test them (0: skip; default: 1)")
-    g.add_argument("--compare", nargs="*", default=[], help="baseline grid result folders to put in the table")
+    g.add_argument("--compare", nargs="*", default=[], help="baseline grid result folders to put in the table (default: none)")
     g.add_argument("--checkpoint-every", type=int, default=0,
                    help="extra checkpoints every N epochs (refreshes always checkpoint; default: 0)")
     return p
@@ -129,9 +129,10 @@ def search_fold(args, fold: int, base, trainable, optuna_url: str, num_samples: 
         return tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
+                                        trial_dirname_creator=study_cli.trial_dirname,
                                         num_samples=num_samples, max_concurrent_trials=concurrent or None),
             run_config=run_config(name, args.storage_path, max_failures=args.max_failures,
-                                  **study_cli.progress(args)),
+                                  **study_cli.progress(args, num_samples)),
         )
 
     print(f"search: fold {fold}, {num_samples} trials on its training part (study {name!r})")
@@ -238,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             return tune.Tuner(
                 final_trainable,
                 param_space={"overrides": tune.grid_search(overrides)},
-                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent or None),
+                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent or None,
+                                        trial_dirname_creator=study_cli.trial_dirname),
                 run_config=run_config(final_name, args.storage_path, max_failures=args.max_failures,
                                   **study_cli.progress(args)),
             )

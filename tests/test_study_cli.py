@@ -1,0 +1,124 @@
+"""The study scripts' shared helpers, without starting Ray: flags, labels, trial folder names,
+credentials kept out of written files, the grid's method list and the nested search's bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("ray.tune")
+pytest.importorskip("optuna")
+
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
+if str(STUDIES) not in sys.path:
+    sys.path.insert(0, str(STUDIES))
+
+import grid_baselines  # noqa: E402
+import study_cli  # noqa: E402
+import tune_adaptive  # noqa: E402
+from search_space import AdaptiveSpace, thesis_point  # noqa: E402
+
+
+def _trial(config: dict, trial_id: str = "ab12c_00003"):
+    return SimpleNamespace(config=config, trial_id=trial_id)
+
+
+@pytest.mark.parametrize("config,expected", [
+    ({"overrides": {"method": "dice", "tag": "dice"}, "fold": 2}, "dice-fold2-ab12c_00003"),
+    ({"overrides": {"k": 2.0, "fold": 0, "tag": "adaptive-tuned"}}, "adaptive-tuned-fold0-ab12c_00003"),
+    ({"k": 2.0, "q": 25.0, "fold": 1}, "search-fold1-ab12c_00003"),
+    ({"overrides": {"tag": "polydice-eps+0.2"}, "fold": 4}, "polydice-eps+0.2-fold4-ab12c_00003"),
+    ({"overrides": {"tag": "a/b c"}, "fold": 0}, "a_b_c-fold0-ab12c_00003"),
+])
+def test_trial_folders_are_named_by_method_and_fold(config, expected):
+    assert study_cli.trial_dirname(_trial(config)) == expected
+
+
+@pytest.mark.parametrize("url,expected", [
+    ("postgresql://optuna:s3cret@db.internal:5432/studies", "postgresql://optuna:***@db.internal:5432/studies"),
+    ("postgresql+psycopg://u:p%40ss@127.0.0.1/x", "postgresql+psycopg://u:***@127.0.0.1/x"),
+    ("sqlite:////tmp/results/adaptive-optuna.db", "sqlite:////tmp/results/adaptive-optuna.db"),
+])
+def test_storage_urls_are_redacted(url, expected):
+    assert study_cli.redact(url) == expected
+
+
+def test_every_study_flag_has_a_help_text_with_its_default():
+    for parser in (tune_adaptive.build_parser(), grid_baselines.build_parser()):
+        for action in parser._actions:
+            if action.option_strings == ["-h", "--help"] or action.const is True:
+                continue  # --help and on/off switches
+            assert action.help and "default" in action.help, (action.option_strings, action.help)
+
+
+def test_tuned_labels():
+    def args(fold=None, scale="norm"):
+        return SimpleNamespace(search_fold=fold, polydice_scale=scale)
+
+    assert tune_adaptive.tuned_tag(args(), 0) == "adaptive-tuned"
+    assert tune_adaptive.tuned_tag(args(), 1) == "adaptive-tuned-2"
+    assert tune_adaptive.tuned_tag(args(fold=3), 0) == "adaptive-tuned-fold3"
+    assert tune_adaptive.tuned_tag(args(scale="inner"), 0) == "adaptive-tuned-inner"
+
+
+def test_search_space_carries_the_outer_fold_without_searching_it():
+    import optuna
+
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial(thesis_point(30))
+    space = AdaptiveSpace(30, constants={"fold": 3})
+    for _ in range(3):
+        trial = study.ask()
+        extra = space(trial)
+        assert extra == {"fold": 3}
+        assert "fold" not in trial.params and set(trial.params) == {"k", "q", "e0", "tau", "eps_min", "eps_max"}
+        assert trial.params["eps_min"] < trial.params["eps_max"]
+        study.tell(trial, 0.5)
+    assert study.trials[0].params["k"] == 2.0 and study.trials[0].params["q"] == 25.0
+    assert AdaptiveSpace(30)(study.ask()) is None
+
+
+def test_grid_scale_ablation_runs_only_when_named():
+    tags = [s["tag"] for s in grid_baselines.method_specs()]
+    assert "polydice-inner-eps+0.0" not in tags and "adaptive-thesis" in tags and len(tags) == 15
+    named = grid_baselines.method_specs(["dice", "polydice-inner-eps+0.0", "adaptive-thesis-inner"])
+    assert [s["tag"] for s in named] == ["dice", "polydice-inner-eps+0.0", "adaptive-thesis-inner"]
+    assert all(s.get("polydice_scale") == "inner" for s in named[1:])
+    inner = {s["tag"]: s for s in grid_baselines.method_specs(None, "inner")}
+    assert "polydice-eps+0.0-inner" in inner and "dice" in inner and "adaptive-thesis-inner" in inner
+    with pytest.raises(SystemExit, match="unknown methods"):
+        grid_baselines.method_specs(["dice", "nope"])
+
+
+def test_base_config_takes_the_scale_and_learning_rate():
+    args = tune_adaptive.build_parser().parse_args(["--smoke", "--polydice-scale", "inner", "--lr", "0.003"])
+    cfg = study_cli.base_config(args, method="adaptive")
+    assert (cfg.polydice_scale, cfg.lr, cfg.epochs, cfg.image_size) == ("inner", 0.003, 3, 32)
+
+
+def test_resume_refuses_a_best_config_of_another_protocol(tmp_path, capsys):
+    report = tmp_path / "adaptive-report"
+    report.mkdir()
+    (report / "best_config.json").write_text(json.dumps({"protocol": "single-fold", "folds": {}}))
+    rc = tune_adaptive.main(["--smoke", "--storage-path", str(tmp_path), "--resume"])
+    assert rc == 2
+    assert "single-fold search, not a nested one" in capsys.readouterr().err
+
+
+def test_search_fold_out_of_range_is_one_error_line(tmp_path, capsys):
+    rc = tune_adaptive.main(["--smoke", "--storage-path", str(tmp_path), "--search-fold", "5"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --search-fold must be in [0, 5)")
+
+
+def test_unreadable_best_config_on_resume_names_the_file(tmp_path):
+    report = tmp_path / "adaptive-report"
+    report.mkdir()
+    (report / "best_config.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="best_config.json is unreadable"):
+        tune_adaptive.main(["--smoke", "--storage-path", str(tmp_path), "--resume"])
