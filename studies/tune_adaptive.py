@@ -39,12 +39,12 @@ import study_cli
 
 import optuna
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from polydice.train import load_data
 from polydice.tune import StudyPaths, make_trainable, restore_or_create, run_config, storage_uri, write_json
 from search_space import AdaptiveSpace, search_ranges, thesis_point
+from warmup_asha import WarmupASHA, epochs_saved
 
 METRIC, MODE = "best_val_dice", "max"
 
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optuna-storage", default=None,
                    help="SQLAlchemy URL of the Optuna studies (default: a SQLite file in --storage-path)")
     g.add_argument("--scheduler", choices=("none", "asha"), default="none",
-                   help="ASHA early stopping; its grace period covers the largest E0 (default: none)")
+                   help="ASHA early stopping, never before a trial's own E0 + τ epochs (default: none)")
     g.add_argument("--search-fold", type=int, default=None,
                    help="search and test this outer fold only (default: every fold, nested)")
     g.add_argument("--final-top", type=int, default=1,
@@ -120,10 +120,11 @@ def search_fold(args, fold: int, base, trainable, optuna_url: str, num_samples: 
     )
     scheduler = None
     if args.scheduler == "asha":
-        # No trial is stopped before its adaptive phase has begun: the first rung lies past the
-        # largest E0 the search can propose.
-        grace = min(base.epochs, search_ranges(base.epochs)["e0"][1] + 1)
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=base.epochs, grace_period=grace, reduction_factor=3)
+        # Rungs from the shortest warm-up the search can propose; no trial is stopped before its
+        # own E0 + τ epochs, when its ε adaptation has acted for a whole refresh interval.
+        r = search_ranges(base.epochs)
+        grace = min(base.epochs, r["e0"][0] + r["tau"][0])
+        scheduler = WarmupASHA(time_attr="epoch", max_t=base.epochs, grace_period=grace, reduction_factor=3)
 
     def new_search() -> tune.Tuner:
         return tune.Tuner(
@@ -139,6 +140,10 @@ def search_fold(args, fold: int, base, trainable, optuna_url: str, num_samples: 
     results = restore_or_create(path, trainable, new_search, resume and tune.Tuner.can_restore(path)).fit()
     if results.errors:
         print(f"search: fold {fold}: {len(results.errors)} trials failed: {results.errors[0]}", file=sys.stderr)
+    if scheduler is not None:
+        saved = epochs_saved(results, base.epochs)
+        print(f"asha: fold {fold}: {saved['stopped']} of {saved['trials']} trials stopped early, "
+              f"{saved['epochs_saved']} of {saved['trials'] * base.epochs} epochs saved ({saved['fraction_saved']:.0%})")
     study = optuna.load_study(study_name=name, storage=storage)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
     if not complete:
