@@ -491,11 +491,8 @@ def make_folds(
     if n_groups == len(groups):
         splits = KFold(n_folds, shuffle=True, random_state=seed).split(groups)
     else:
-        try:
-            splitter = GroupKFold(n_folds, shuffle=True, random_state=seed)
-        except TypeError:  # scikit-learn < 1.6: GroupKFold cannot shuffle, it balances fold sizes
-            splitter = GroupKFold(n_folds)
-        splits = splitter.split(groups, groups=groups)
+        # Shuffled, seeded group folds need scikit-learn >= 1.6 (the floor in pyproject.toml).
+        splits = GroupKFold(n_folds, shuffle=True, random_state=seed).split(groups, groups=groups)
 
     folds = []
     for fold, (train_val, test) in enumerate(splits):
