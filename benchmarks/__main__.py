@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick]``: five ratios, each measured side by side in one run.
+"""``python -m benchmarks [--quick]``: six ratios, each measured side by side in one run.
 
 Prints the machine, the data used, per-side timings with images/s and GFLOP/s, and one line per
 ratio, ``RATIO <name> <median> target <= <x>``, the median over repeats of the per-repeat ratio.
@@ -78,7 +78,7 @@ PRESETS = {
 
 IN_PROCESS = {"refresh_vs_naive": refresh_vs_naive, "loader_vs_tensors": loader_vs_tensors,
               "epoch_vs_bare_loop": epoch_vs_bare_loop}
-CASES = (*IN_PROCESS, "tune_vs_direct", "memory_4trials_vs_4x1")
+CASES = (*IN_PROCESS, "tune_vs_direct", "tune_whole_vs_direct", "memory_4trials_vs_4x1")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -160,7 +160,7 @@ def report(result: CaseResult) -> None:
 def run_ray_cases(args, settings: Settings, cfg: TrainConfig, data: SegmentationData, hw: _Hardware) -> None:
     from polydice.tune import init_ray
 
-    from .ray_cases import MEMORY_TRIALS, memory_4trials_vs_4x1, tune_vs_direct
+    from .ray_cases import MEMORY_TRIALS, memory_4trials_vs_4x1, tune_vs_direct, tune_whole_vs_direct
 
     # A private temp dir (short: Ray's sockets live below it) keeps this instance apart from any other.
     own_tmp = "RAY_TMPDIR" not in os.environ
@@ -173,6 +173,9 @@ def run_ray_cases(args, settings: Settings, cfg: TrainConfig, data: Segmentation
         if "tune_vs_direct" in args.only:
             report(tune_vs_direct(cfg, subset(data, settings.tune_images), hw, args.trial_cpus,
                                   settings.tune_repeats, storage))
+        if "tune_whole_vs_direct" in args.only:
+            report(tune_whole_vs_direct(cfg, subset(data, settings.tune_images), hw, args.trial_cpus,
+                                        settings.tune_repeats, storage))
         if "memory_4trials_vs_4x1" in args.only:
             mem_cfg = memory_config(cfg, settings)
             big = load(args, settings, mem_cfg.image_size)
@@ -208,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, case in IN_PROCESS.items():
         if name in args.only:
             report(case(work))
-    if {"tune_vs_direct", "memory_4trials_vs_4x1"} & set(args.only):
+    if {"tune_vs_direct", "tune_whole_vs_direct", "memory_4trials_vs_4x1"} & set(args.only):
         run_ray_cases(args, settings, cfg, data, hw)
     print(f"total wall time {time.perf_counter() - start:.0f} s", flush=True)
     return 0

@@ -31,11 +31,12 @@ MEMORY_TRIALS = 4
 MiB = 2**20
 
 
-def _fit(trainable, storage: str, name: str, param_space: dict | None = None, concurrent: int = 1) -> tune.ResultGrid:
+def _fit(trainable, storage: str, name: str, param_space: dict | None = None, concurrent: int = 1,
+         reuse_actors: bool = False) -> tune.ResultGrid:
     tuner = tune.Tuner(
         trainable,
         param_space=param_space or {},
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=reuse_actors),
         run_config=run_config(name, storage, max_failures=0, verbose=0),
     )
     grid = tuner.fit()
@@ -109,6 +110,50 @@ def tune_vs_direct(cfg: TrainConfig, data: SegmentationData, hw: _Hardware, thre
         f"  left out: start-up and epoch 1 take {startup:.2f} s under Tune (trial actor start, imports) and "
         f"{startup_direct:.2f} s directly (median); whole runs: Tune {statistics.median(whole['tune']):.2f} s, "
         f"direct {statistics.median(whole['direct']):.2f} s, ratio {median_ratio(whole['tune'], whole['direct']):.3f}",
+    ])
+
+
+def tune_whole_vs_direct(cfg: TrainConfig, data: SegmentationData, hw: _Hardware, threads: int, repeats: int,
+                         storage: str, trials: int = 4) -> CaseResult:
+    """``trials`` short trials one after another under Tune, start-up included ÷ the same runs
+    called directly one after another in one process.
+
+    What a study pays per trial beyond its training: the trial actor's start and imports (paid once
+    when Tune reuses the actor for the next trial, as the studies ask it to), the dataset fetched
+    from the object store, reports, checkpoints and their copy to storage, Tune's bookkeeping.
+    """
+    trainable = make_trainable(cfg, data, cpus_per_trial=threads, gpus_per_trial=1 if hw.device.type == "cuda" else 0)
+    seeds = list(range(trials))
+    names = itertools.count()
+    times: dict[str, list[float]] = {"tune": [], "direct": []}
+    actors: list[int] = []
+
+    def under_tune():
+        start = time.perf_counter()
+        grid = _fit(trainable, storage, f"tune-whole-{next(names)}", {"seed": tune.grid_search(seeds)},
+                    reuse_actors=True)
+        times["tune"].append(time.perf_counter() - start)
+        actors.append(len({r.metrics.get("pid") for r in grid}))
+
+    def direct():
+        torch.set_num_threads(threads)
+        start = time.perf_counter()
+        for seed in seeds:
+            with tempfile.TemporaryDirectory() as out:
+                train(cfg.replace(seed=seed), lambda metrics, state: None, data=data, out_dir=out, evaluate_test=False)
+        times["direct"].append(time.perf_counter() - start)
+
+    outer_threads = torch.get_num_threads()
+    try:
+        interleaved({"tune": under_tune, "direct": direct}, repeats, hw.device, warmup=False)
+    finally:
+        torch.set_num_threads(outer_threads)
+    images, flops = _run_flops(cfg, data)
+    return CaseResult("tune_whole_vs_direct", median_ratio(times["tune"], times["direct"]), 1.15, [
+        f"tune_whole_vs_direct: {trials} trials of {cfg.epochs} epochs on {len(data)} images one after another, "
+        f"whole runs (Ray already started); {threads} CPU(s) per trial; trial actors used per repeat: {actors}",
+        rate_line(f"{trials} Tune trials", times["tune"], trials * images, trials * flops),
+        rate_line(f"{trials} train() calls", times["direct"], trials * images, trials * flops),
     ])
 
 
