@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import study_cli  # noqa: F401  (puts the checkout on sys.path)
 
 import pandas as pd
 
 import grid_baselines
+import storage
 import tune_adaptive
 
 # Sized to learn on two CPU cores in a few minutes: 64 px, a slim U-Net, a higher learning rate.
@@ -38,7 +38,8 @@ FOLD = 0
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--storage-path", default="results", help="where the results go (default: results)")
+    p.add_argument("--storage-path", default="results",
+                   help="where the results go: a folder or a URI such as s3://bucket/prefix (default: results)")
     p.add_argument("--name", default=None, help="name of this demo's studies (default: demo-<date>-<time>)")
     p.add_argument("--num-samples", type=int, default=4, help="trials of the search (default: 4)")
     p.add_argument("--verbose", action="store_true", help="show Ray Tune's progress tables and the trials' logs")
@@ -56,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     if rc:
         return rc
     rc = tune_adaptive.main([*common, "--search-fold", str(FOLD), "--num-samples", str(args.num_samples),
-                             "--study-name", name, "--compare", str(Path(args.storage_path) / f"{name}-baselines")])
-    report = Path(args.storage_path) / f"{name}-report"
+                             "--study-name", name, "--compare", storage.join(args.storage_path, f"{name}-baselines")])
+    _, report = storage.report_dirs(args.storage_path, name)  # built here, also for remote storage
     if (report / "table.csv").exists():
         table = pd.read_csv(report / "table.csv")
         table = table[~table["oracle"]].sort_values("dice_mean", ascending=False)
@@ -66,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         for row in table.itertuples():
             delta = "" if pd.isna(row.dice_diff_mean) else f"   ΔDice vs adaptive {row.dice_diff_mean:+.4f}"
             print(f"  {row.label:<28} {row.dice_mean:.4f}{delta}")
-    optuna_db = Path(args.storage_path) / f"{name}-optuna.db"
+    optuna_db = storage.optuna_db(args.storage_path, name)
     print(f"\nreport:      {report / 'table.md'} (and its plots)")
-    print(f"TensorBoard: tensorboard --logdir {args.storage_path}")
+    print(f"TensorBoard: tensorboard --logdir {storage.redact(args.storage_path)}")
     print(f"Optuna:      optuna-dashboard sqlite:///{optuna_db}   (pip install '.[dashboard]')")
     print(f"demo done in {time.time() - t0:.0f}s")
     return rc

@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
+import storage
 import study_cli
 
 from ray import tune
 
 from polydice.train import load_data
-from polydice.tune import make_trainable, restore_or_create, run_config, storage_uri
+from polydice.tune import make_trainable, restore_or_create, run_config
 
 FIXED_EPS = [round(-0.3 + 0.1 * i, 1) for i in range(9)]  # -0.3 ... 0.5
 
@@ -78,11 +78,21 @@ def main(argv: list[str] | None = None) -> int:
     base = study_cli.base_config(args)
     specs = method_specs(args.methods, args.polydice_scale)
     folds = args.fold_list if args.fold_list is not None else list(range(base.folds))
-    exp_path = f"{storage_uri(args.storage_path)}/{args.name}"
-    if not args.resume and tune.Tuner.can_restore(exp_path):
-        print(f"error: a grid named {args.name!r} already exists at {exp_path}; pass --resume or another --name",
-              file=sys.stderr)
+    root = storage.resolve(args.storage_path)  # a local folder or a URI (s3://...)
+    exp_path = storage.join(root, args.name)
+    try:
+        found = tune.Tuner.can_restore(exp_path)
+    except OSError as exc:  # a missing bucket, refused credentials, an unreachable endpoint
+        print(storage.redact(f"error: the storage path {root} cannot be read: {exc}"), file=sys.stderr)
         return 2
+    if not args.resume and found:
+        print(storage.redact(f"error: a grid named {args.name!r} already exists at {exp_path}; "
+                             "pass --resume or another --name"), file=sys.stderr)
+        return 2
+    report_uri, report_local = storage.report_dirs(args.storage_path, args.name)
+    if storage.is_remote(root):
+        print(storage.redact(f"storage: {root} (remote): the Tune experiment there; the report is built in "
+                             f"{report_local} and uploaded to {report_uri}"))
 
     t0 = time.time()
     data = load_data(base)
@@ -106,14 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = restore_or_create(exp_path, trainable, new_grid, args.resume).fit()
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(storage.redact(f"error: {exc}"), file=sys.stderr)
         return 2
     print(f"grid: {len(results)} runs, {len(results.errors)} errors, {time.time() - t0:.0f}s")
     if not args.no_report:
-        import report
-
-        out = Path(args.storage_path) / f"{args.name}-report"
-        print(f"table: {report.make_report([Path(args.storage_path) / args.name], out)}")
+        table, uploaded = storage.make_report([exp_path], report_uri, local_out=report_local)
+        print(f"table: {table}" + (f" (uploaded to {storage.redact(uploaded)})" if uploaded else ""))
     return 0 if not results.errors else 1
 
 

@@ -1062,16 +1062,21 @@ def make_report(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", nargs="+", type=Path, required=True, help="run or Tune experiment folders")
-    p.add_argument("--out", type=Path, required=True, help="folder of table.md, table.csv and the plots")
+    p.add_argument("--results", nargs="+", required=True,
+                   help="run or Tune experiment folders, local or URIs (s3://bucket/prefix/adaptive-final; only "
+                        "their small result files are downloaded)")
+    p.add_argument("--out", required=True,
+                   help="folder of table.md, table.csv and the plots, or a URI (built in a temporary folder and "
+                        "uploaded there)")
     p.add_argument("--optuna-storage", default=None,
                    help="storage URL of the search's Optuna studies (with --study-name or --best-config)")
     p.add_argument("--study-name", action="append", default=None,
                    help="an Optuna study of the search; repeat it for the per-fold studies of a nested search "
                         "(--study-name adaptive-fold0 --study-name adaptive-fold1 ...). Without it, "
                         "--optuna-storage shows the studies that --best-config names")
-    p.add_argument("--best-config", type=Path, default=None,
-                   help="the search's best_config.json: a table of the best configuration per fold and its spread")
+    p.add_argument("--best-config", default=None,
+                   help="the search's best_config.json (a path or a URI): a table of the best configuration per fold "
+                        "and its spread")
     p.add_argument("--reference", default=None,
                    help="label of the paired tests' reference (default: adaptive-tuned, else adaptive-tuned-fold<F>, "
                         "else adaptive-thesis, else the first adaptive* label)")
@@ -1086,13 +1091,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.optuna_storage and not (args.study_name or args.best_config):
         print("error: --optuna-storage needs --study-name or --best-config (which names the studies)", file=sys.stderr)
         return 2
-    try:
-        path = make_report(args.results, args.out, optuna_storage=args.optuna_storage,
-                           study_names=args.study_name, reference=args.reference, best_config=args.best_config)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    import storage  # beside this file
+
+    try:  # results and --best-config from storage, the report to storage: local paths or URIs
+        path, uploaded = storage.make_report(args.results, args.out, optuna_storage=args.optuna_storage,
+                                             study_names=args.study_name, reference=args.reference,
+                                             best_config=args.best_config, builder=make_report)
+    except (ValueError, OSError) as exc:
+        print(storage.redact(f"error: {exc}"), file=sys.stderr)
         return 2
-    print(path)
+    print(storage.redact(uploaded) if uploaded else path)
     return 0
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+import storage  # noqa: E402
 from polydice.config import DATASETS, SCALES, TrainConfig  # noqa: E402
 
 # --smoke: tiny everything, a first look in a few minutes on a laptop CPU.
@@ -33,7 +34,11 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
                    help="Ray Tune's progress tables and every trial's log (default: one line per finished trial)")
 
     g = p.add_argument_group("storage")
-    g.add_argument("--storage-path", default="results", help="Tune results: a local folder, a shared NFS path or s3://... on a cluster (default: results)")
+    g.add_argument("--storage-path", default="results",
+                   help="Tune results and reports: a local folder, a shared NFS path, or a URI that Ray Tune accepts "
+                        "(s3://bucket/prefix, gs://...; an S3-compatible server: AWS_ENDPOINT_URL, or "
+                        "s3://bucket/prefix?endpoint_override=HOST:PORT&scheme=http). Credentials come from the "
+                        "environment (AWS_ACCESS_KEY_ID, ..., an instance role), not the URI (default: results)")
     g.add_argument("--resume", action="store_true", help="resume the interrupted study/grid of the same name")
 
     g = p.add_argument_group("data and model")
@@ -138,8 +143,9 @@ def trial_dirname(trial) -> str:
 
 
 def redact(url: str) -> str:
-    """A storage URL without its password, for anything printed or written."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+    """A storage or database URL (or any text holding one) without its credentials, for anything
+    printed or written: see :func:`storage.redact`."""
+    return storage.redact(url)
 
 
 def detect_gpus(mode: str) -> float:

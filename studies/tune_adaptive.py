@@ -16,7 +16,8 @@
 3. Report: the table of the final runs (and of any baseline grid passed with ``--compare``), with
    each fold's best configuration and how much they differ.
 
-Layout under ``--storage-path`` (default ``results/``)::
+Layout under ``--storage-path`` (default ``results/``; a local folder or a URI such as
+``s3://bucket/prefix``)::
 
     <study>-fold<f>/  Tune experiment of fold f's search (one folder per trial, TensorBoard events)
     <study>-final/    Tune experiment of the final runs
@@ -25,6 +26,15 @@ Layout under ``--storage-path`` (default ``results/``)::
 
 ``--resume`` continues whichever fold's search or final run was interrupted; a fold whose search
 finished (it is in best_config.json) is not searched again.
+
+Remote storage (``s3://...``): Tune writes the experiments there; the report is built in
+``./<study>-report`` and uploaded to ``<storage>/<study>-report/``. Without ``--optuna-storage`` the
+Optuna studies are a SQLite file that the driver keeps in its current folder,
+``./<study>-optuna.db`` (an object store cannot hold a SQLite database): ``--resume`` must run in
+the same folder, or pass ``--optuna-storage sqlite:////path/to/<study>-optuna.db``. A copy is
+uploaded to ``<storage>/<study>-optuna.db`` after each fold's search, for reading. For a driver
+that may run elsewhere on resume, give a database every machine can reach:
+``--optuna-storage postgresql://...``.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import sys
 import time
 from pathlib import Path
 
+import storage
 import study_cli
 
 import optuna
@@ -42,7 +53,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from polydice.train import load_data
-from polydice.tune import StudyPaths, make_trainable, restore_or_create, run_config, storage_uri, write_json
+from polydice.tune import make_trainable, restore_or_create, run_config
 from search_space import AdaptiveSpace, search_ranges, thesis_point
 from warmup_asha import WarmupASHA, epochs_saved
 
@@ -58,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--study-name", default="adaptive",
                    help="prefix of the Tune experiments and Optuna studies (default: adaptive)")
     g.add_argument("--optuna-storage", default=None,
-                   help="SQLAlchemy URL of the Optuna studies (default: a SQLite file in --storage-path)")
+                   help="SQLAlchemy URL of the Optuna studies (default: the SQLite file <study>-optuna.db in "
+                        "--storage-path; with a remote --storage-path, in the current folder)")
     g.add_argument("--scheduler", choices=("none", "asha"), default="none",
                    help="ASHA early stopping, never before a trial's own E0 + τ epochs (default: none)")
     g.add_argument("--search-fold", type=int, default=None,
@@ -91,22 +103,23 @@ def tuned_tag(args: argparse.Namespace, rank: int) -> str:
     return tag + ("-inner" if args.polydice_scale == "inner" else "")
 
 
-def read_best(path: Path) -> dict:
-    """best_config.json of an earlier run of this study ({} when there is none)."""
-    if not path.exists():
-        return {}
+def read_best(path: str) -> dict:
+    """best_config.json of an earlier run of this study, local or in remote storage ({} when there
+    is none)."""
     try:
-        return json.loads(path.read_text())
+        if not storage.exists(path):
+            return {}
+        return json.loads(storage.read_text(path))
     except (OSError, json.JSONDecodeError) as exc:
-        raise SystemExit(f"error: {path} is unreadable ({exc}); move it away to search again")
+        raise SystemExit(storage.redact(f"error: {path} is unreadable ({exc}); move it away to search again"))
 
 
 def search_fold(args, fold: int, base, trainable, optuna_url: str, num_samples: int, concurrent: int,
                 resume: bool) -> dict:
     """Fold ``fold``'s search; returns its best_config.json entry (None when no trial finished)."""
     name = f"{args.study_name}-fold{fold}"
-    path = f"{storage_uri(args.storage_path)}/{name}"
-    storage, finished = open_study(optuna_url, name)
+    path = storage.join(storage.resolve(args.storage_path), name)
+    optuna_storage, finished = open_study(optuna_url, name)
     if finished:
         print(f"optuna: continuing study {name!r} with {finished} finished trials")
     searcher = OptunaSearch(
@@ -116,7 +129,7 @@ def search_fold(args, fold: int, base, trainable, optuna_url: str, num_samples: 
         points_to_evaluate=[] if finished else [thesis_point(base.epochs)],
         sampler=optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=args.seed + fold),
         study_name=name,
-        storage=storage,
+        storage=optuna_storage,
     )
     scheduler = None
     if args.scheduler == "asha":
@@ -139,12 +152,13 @@ def search_fold(args, fold: int, base, trainable, optuna_url: str, num_samples: 
     print(f"search: fold {fold}, {num_samples} trials on its training part (study {name!r})")
     results = restore_or_create(path, trainable, new_search, resume and tune.Tuner.can_restore(path)).fit()
     if results.errors:
-        print(f"search: fold {fold}: {len(results.errors)} trials failed: {results.errors[0]}", file=sys.stderr)
+        print(storage.redact(f"search: fold {fold}: {len(results.errors)} trials failed: {results.errors[0]}"),
+              file=sys.stderr)
     if scheduler is not None:
         saved = epochs_saved(results, base.epochs)
         print(f"asha: fold {fold}: {saved['stopped']} of {saved['trials']} trials stopped early, "
               f"{saved['epochs_saved']} of {saved['trials'] * base.epochs} epochs saved ({saved['fraction_saved']:.0%})")
-    study = optuna.load_study(study_name=name, storage=storage)
+    study = optuna.load_study(study_name=name, storage=optuna_storage)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
     if not complete:
         return None
@@ -171,26 +185,57 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --search-fold must be in [0, {base.folds}), got {args.search_fold}", file=sys.stderr)
         return 2
     folds = list(range(base.folds)) if args.search_fold is None else [args.search_fold]
-    paths = StudyPaths(Path(args.storage_path) if "://" not in args.storage_path else Path("."), args.study_name)
+    # Every path below is a local path or a URI (s3://...), built and read through storage: no URI in a Path.
+    root = storage.resolve(args.storage_path)
+    remote = storage.is_remote(root)
     final_name = f"{args.study_name}-final"
-    final_path = f"{storage_uri(args.storage_path)}/{final_name}"
-    report_dir = Path(args.storage_path) / f"{args.study_name}-report"
-    best_path = report_dir / "best_config.json"
-    experiments = [f"{storage_uri(args.storage_path)}/{args.study_name}-fold{f}" for f in folds] + [final_path]
-    existing = [e for e in experiments if tune.Tuner.can_restore(e)]
-    if not args.resume and existing:
-        print(f"error: a study named {args.study_name!r} already exists ({existing[0]}); "
-              "pass --resume to continue it or choose another --study-name", file=sys.stderr)
+    final_path = storage.join(root, final_name)
+    report_uri, report_local = storage.report_dirs(args.storage_path, args.study_name)
+    best_path = storage.join(report_uri, "best_config.json")
+    experiments = [storage.join(root, f"{args.study_name}-fold{f}") for f in folds] + [final_path]
+    try:
+        existing = [e for e in experiments if tune.Tuner.can_restore(e)]
+    except OSError as exc:  # a missing bucket, refused credentials, an unreachable endpoint
+        print(storage.redact(f"error: the storage path {root} cannot be read: {exc}"), file=sys.stderr)
         return 2
-    Path(args.storage_path).mkdir(parents=True, exist_ok=True) if "://" not in args.storage_path else None
+    if not args.resume and existing:
+        print(storage.redact(f"error: a study named {args.study_name!r} already exists ({existing[0]}); "
+                             "pass --resume to continue it or choose another --study-name"), file=sys.stderr)
+        return 2
+    if not remote:
+        Path(root).mkdir(parents=True, exist_ok=True)
 
-    optuna_url = args.optuna_storage or paths.sqlite_url
+    # The Optuna studies: --optuna-storage, else a SQLite file that only this driver uses.
+    db = None if args.optuna_storage else storage.optuna_db(args.storage_path, args.study_name)
+    optuna_url = args.optuna_storage or f"sqlite:///{db}"
     protocol = "nested" if args.search_fold is None else "single-fold"
     best = read_best(best_path) if args.resume else {}
     if best and best.get("protocol") != protocol:
-        print(f"error: {best_path} holds a {best.get('protocol')} search, not a {protocol} one; "
-              "resume with the same --search-fold or choose another --study-name", file=sys.stderr)
+        print(storage.redact(f"error: {best_path} holds a {best.get('protocol')} search, not a {protocol} one; "
+                             "resume with the same --search-fold or choose another --study-name"), file=sys.stderr)
         return 2
+    db_copy = storage.join(root, f"{args.study_name}-optuna.db")
+    if remote and db is not None and args.resume and (existing or best) and not db.exists():
+        copy = storage.exists(db_copy)
+        print(storage.redact(
+            f"error: the Optuna studies of {args.study_name!r} are the SQLite file {db.name} that the driver kept in "
+            f"the folder it started in (--storage-path is remote), and there is none in {db.parent}: run --resume "
+            f"in that folder, or pass --optuna-storage sqlite:////path/to/{db.name}"
+            + (f"; {db_copy} is its copy as of the last finished fold search (complete if every fold's "
+               "search had finished)" if copy else "")), file=sys.stderr)
+        return 2
+    print(storage.redact(f"storage: {root}" + (
+        f" (remote): Tune experiments there; the report is built in {report_local} and uploaded to {report_uri}"
+        if remote else "")))
+    if remote and db is not None:
+        print(f"optuna: SQLite file {db}, kept by this driver in the current folder, since an object store "
+              f"cannot hold a database: --resume must run in this folder (or pass --optuna-storage "
+              f"sqlite:///{db}). A copy goes to {storage.redact(db_copy)} after each fold's search. For a "
+              "study any machine can resume, pass --optuna-storage postgresql://...")
+    if remote and storage.has_credentials(root):
+        print("warning: the storage URI carries credentials; Ray Tune keeps the URI in its experiment files "
+              "(tuner.pkl) in storage. Prefer AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the nodes' instance "
+              "role; the study's own files and output show it redacted", file=sys.stderr)
     best.update(metric=f"{METRIC}: a trial's best validation Dice on its outer fold's inner validation split",
                 protocol=protocol, optuna_storage=study_cli.redact(optuna_url), base=base.to_dict())
     best.setdefault("folds", {})
@@ -218,18 +263,20 @@ def main(argv: list[str] | None = None) -> int:
         try:
             entry = search_fold(args, fold, base, trainable, optuna_url, num_samples, concurrent, args.resume)
         except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(storage.redact(f"error: {exc}"), file=sys.stderr)
             return 2
         if entry is None:
             failed.append(fold)
             continue
         best["folds"][str(fold)] = entry
-        write_json(best_path, best)
+        storage.write_json(best_path, best)
+        if remote and db is not None:
+            storage.upload(db, db_copy)
     if failed:
         print(f"error: no search trial of fold(s) {failed} finished; see the trial errors above "
               "(--resume retries them)", file=sys.stderr)
         return 1
-    print(f"best configuration per fold: {best_path}")
+    print(f"best configuration per fold: {storage.redact(best_path)}")
 
     results_dirs = []
     if args.final_top > 0:
@@ -255,20 +302,19 @@ def main(argv: list[str] | None = None) -> int:
                                   args.resume and tune.Tuner.can_restore(final_path)).fit()
         errors = [r.error for r in final if r.error]
         if errors:
-            print(f"error: {len(errors)} final runs failed: {errors[0]}", file=sys.stderr)
+            print(storage.redact(f"error: {len(errors)} final runs failed: {errors[0]}"), file=sys.stderr)
             return 1
-        results_dirs.append(Path(args.storage_path) / final_name)
+        results_dirs.append(final_path)
 
     if results_dirs or args.compare:
-        import report
-
-        table = report.make_report(results_dirs + [Path(p) for p in args.compare], report_dir,
-                                   optuna_storage=optuna_url, best_config=best_path,
-                                   study_names=[best["folds"][str(f)]["study_name"] for f in folds])
-        print(f"table: {table}")
+        # Remote results are read from storage; a remote report is built locally and uploaded.
+        table, uploaded = storage.make_report(
+            results_dirs + list(args.compare), report_uri, local_out=report_local, optuna_storage=optuna_url,
+            best_config=best_path, study_names=[best["folds"][str(f)]["study_name"] for f in folds])
+        print(f"table: {table}" + (f" (uploaded to {storage.redact(uploaded)})" if uploaded else ""))
     else:  # --final-top 0 and nothing to compare: no tested run, so no table
         print("table: none (--final-top 0 and no --compare: no tested runs)")
-    print(f"tensorboard --logdir {args.storage_path}")
+    print(f"tensorboard --logdir {storage.redact(root)}")
     print(f"done in {time.time() - t0:.0f}s")
     # A failed search trial leaves the study usable but is reported (exit 1), as Tune reports it.
     return 1 if any(best["folds"][str(f)].get("n_errors") for f in folds) else 0
