@@ -364,3 +364,37 @@ def test_study_on_s3_killed_resumed_and_reported(s3, tmp_path):
 
         shutil.rmtree(ray_tmp, ignore_errors=True)
     print(f"S3 study, kill, resume and reports: {time.monotonic() - t0:.0f}s")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_grid_on_s3_and_its_report(s3, tmp_path):
+    """``grid_baselines.py --storage-path s3://…?endpoint_override=…``: the runs and the report land in
+    the bucket (the report also in ./baselines-report), and a second grid of the same name is refused."""
+    pytest.importorskip("ray.tune")
+    pytest.importorskip("psutil")
+    import ray_fixtures as rf
+
+    bucket = _bucket(s3)
+    work = tmp_path / "work"
+    work.mkdir()
+    ray_tmp = rf.short_tmpdir("pds3g")
+    try:
+        env = rf.ray_env(ray_tmp, **AWS_ENV)
+        storage_path = _uri(s3, bucket, "prefix")
+        args = [str(STUDIES / "grid_baselines.py"), *SMOKE_ARGS, "--methods", "dice", "--fold-list", "0",
+                "--num-cpus", "2", "--storage-path", storage_path]
+        rc, out = _run(args, env, tmp_path / "grid.log", work, STUDY_TIMEOUT)
+        assert rc == 0, out[-8000:]
+        keys = _keys(s3, bucket, "prefix/")
+        assert {"prefix/baselines-report/table.md", "prefix/baselines-report/table.csv"} <= set(keys), keys
+        assert any(k.startswith("prefix/baselines/dice-fold0-") and k.endswith("/summary.json") for k in keys), keys
+        assert "dice" in _get(s3, bucket, "prefix/baselines-report/table.csv").decode()
+        assert (work / "baselines-report" / "table.md").read_bytes() == _get(s3, bucket, "prefix/baselines-report/table.md")
+        assert f"uploaded to {storage.join(storage_path, 'baselines-report', 'table.md')}" in out
+        rc, out = _run(args, env, tmp_path / "again.log", work, 120)
+        assert rc == 2 and "a grid named 'baselines' already exists" in out, out[-4000:]
+    finally:
+        import shutil
+
+        shutil.rmtree(ray_tmp, ignore_errors=True)
