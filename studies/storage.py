@@ -27,6 +27,7 @@ import posixpath
 import re
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -180,13 +181,18 @@ def download(path: str | os.PathLike, local_dir: str | os.PathLike, names: tuple
                  if f.type == pyarrow.fs.FileType.File and (names is None or f.base_name in names)]
         base = fs_path
     local_dir.mkdir(parents=True, exist_ok=True)
-    for f in files:
+
+    def fetch(f) -> None:
         target = local_dir / posixpath.relpath(f.path, base)
         target.parent.mkdir(parents=True, exist_ok=True)
         with fs.open_input_stream(f.path) as src, open(target, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
         if f.mtime is not None:  # the report keeps the newest of two runs of the same fold
             os.utime(target, (f.mtime.timestamp(), f.mtime.timestamp()))
+
+    # Many small objects: their round trips overlap.
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(fetch, files))
     return local_dir / posixpath.basename(fs_path) if info.type == pyarrow.fs.FileType.File else local_dir
 
 
@@ -251,18 +257,20 @@ def make_report(results: list[str | os.PathLike], out: str | os.PathLike, *, loc
     with tempfile.TemporaryDirectory(prefix="polydice-report-") as tmp:
         names: dict[str, str] = {}  # temporary copy → redacted URI, for the written text
 
-        def local(path, i):
+        def local(path, i, missing_ok=False):
             if not is_remote(path):
                 return Path(path)
             try:
                 copy = download(path, Path(tmp) / "inputs" / str(i))
             except FileNotFoundError as exc:
-                raise ValueError(f"results folder {redact(path)} does not exist") from exc
+                if not missing_ok:
+                    raise ValueError(f"results folder {redact(path)} does not exist") from exc
+                copy = Path(tmp) / "inputs" / str(i) / "missing"  # the report lists it as unreadable
             names[str(copy)] = redact(path)
             return copy
 
         local_results = [local(r, i) for i, r in enumerate(results)]
-        local_best = None if best_config is None else local(best_config, len(results))
+        local_best = None if best_config is None else local(best_config, len(results), missing_ok=True)
         remote_out = is_remote(out)
         build = Path(local_out) if (remote_out and local_out is not None) else \
             Path(tmp) / "report" if remote_out else _local(out)

@@ -226,6 +226,11 @@ def test_report_from_s3_to_s3_names_the_uris_without_credentials(s3, tmp_path):
     # A local --out keeps its tables where asked.
     table, uploaded = storage.make_report([results], tmp_path / "local-report")
     assert uploaded is None and table == tmp_path / "local-report" / "table.md" and SECRET not in table.read_text()
+    # A missing best_config.json is listed in the report, as a missing local one is.
+    missing = _uri(s3, bucket, "prefix/none/best_config.json", credentials=f"testing:{SECRET}")
+    table, _ = storage.make_report([results], tmp_path / "report-3", best_config=missing)
+    assert f"best configuration {storage.redact(missing)} could not be read" in table.read_text()
+    assert SECRET not in table.read_text()
     with pytest.raises(ValueError, match=r"results folder s3://testing:\*\*\*@.* does not exist"):
         storage.make_report([_uri(s3, bucket, "prefix/none", credentials=f"testing:{SECRET}")], tmp_path / "r")
 
