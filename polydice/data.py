@@ -144,7 +144,8 @@ def load_dataset(
     Raises:
         DataError: unknown name, image_size < 8, missing root or folders, no images, an image
             without a mask, an undecodable file, a mask of another size than its image, an image
-            that is not 3-channel, bad CVC frame names or a bad sequence CSV.
+            that is not 3-channel, a float image or mask with NaN, infinite or out-of-[0, 1]
+            values, bad CVC frame names or a bad sequence CSV.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
@@ -330,6 +331,7 @@ def _load_pair(image_path: Path, mask_path: Path, size: int) -> tuple[np.ndarray
             f"is {image_hw[1]}x{image_hw[0]}"
         )
     image = _resize(_as_rgb8(image, image_path), size)
+    _check_float_values(mask, mask_path)
     mask = _resize(_binarise(mask) * np.uint8(255), size) > 127
     return image, mask.astype(np.uint8)
 
@@ -407,14 +409,40 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(array), 0, 255).astype(np.uint8)
 
 
+# Float pixels are taken to lie in [0, 1]; this much outside is rounding, more is another scale.
+FLOAT_RANGE_SLACK = 1e-3
+
+
+def _check_float_values(array: np.ndarray, path: Path) -> None:
+    """Reject a float image or mask (a float TIFF) whose values are not finite or not in [0, 1].
+
+    Converted as they are, NaN would become an arbitrary byte and a 0..255 float image a white
+    one (a 0..255 float mask all foreground), and training would go on with them unnoticed.
+
+    Raises:
+        DataError: naming the file, the count of non-finite values or the range found.
+    """
+    if not np.issubdtype(array.dtype, np.floating):
+        return
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise DataError(f"{path} holds {int((~finite).sum())} NaN or infinite pixel values")
+    low, high = float(array.min()), float(array.max())
+    if low < -FLOAT_RANGE_SLACK or high > 1 + FLOAT_RANGE_SLACK:
+        raise DataError(f"{path} is a float image with values in [{low:.4g}, {high:.4g}]; float pixels must lie "
+                        "in [0, 1] (store 8- or 16-bit integers otherwise)")
+
+
 def _as_rgb8(array: np.ndarray, path: Path) -> np.ndarray:
     """``(H, W, 3)`` uint8 RGB from a decoded image, alpha dropped, 16 bit scaled.
 
     Raises:
-        DataError: the image is not 3-channel (e.g. a TIFF read as 1 channel).
+        DataError: the image is not 3-channel (e.g. a TIFF read as 1 channel), or is a float image
+            with non-finite values or values outside [0, 1].
     """
     if array.ndim not in (2, 3):
         raise DataError(f"{path} decoded to shape {array.shape}, expected (H, W, 3) RGB")
+    _check_float_values(array, path)
     array = _drop_alpha(array)
     channels = 1 if array.ndim == 2 else array.shape[2]
     if channels != 3:

@@ -23,7 +23,7 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -44,6 +44,10 @@ from .uncertainty import estimate_uncertainty
 ReportFn = Callable[[dict, "dict | None"], None]
 CHECKPOINT_VERSION = 2
 CHECKPOINT_FILE = "checkpoint.pt"
+# The command line keeps the checkpoint that the last one replaced, for when the last one is unreadable.
+PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"
+# What a version-2 checkpoint holds: {"version", "config", "run"}, "run" being RunState.state_dict().
+RUN_STATE_KEYS = ("epoch", "model", "optimizer", "scaler", "controller", "history", "eps_records", "best")
 MODEL_FILE = "model.pt"
 EPSILON_COLUMNS = ["epoch", "index", "difficulty", "epsilon"]
 # Foreground probability thresholds searched on the validation split for model.pt: 0.05 ... 0.95.
@@ -55,7 +59,18 @@ RESUMABLE_CHANGES = {"epochs", "device", "amp", "channels_last", "compile", "num
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the message says at which epoch and batch."""
+    """The training loss became NaN or infinite; the message says at which epoch and batch, and
+    which images of that batch had a non-finite loss."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, truncated, of another format version, or not a
+    polydice checkpoint at all. The message names the file."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, read-only storage); the message names the
+    file. Nothing half-written is left under the checkpoint's name."""
 
 
 @dataclass
@@ -339,7 +354,8 @@ def train(
         :class:`RunResult`.
 
     Raises:
-        NonFiniteLossError: when the loss turns NaN or infinite (the message names epoch and batch).
+        NonFiniteLossError: when the loss turns NaN or infinite (the message names the epoch, the
+            batch and its images with a non-finite loss) or an image's difficulty does at a refresh.
         polydice.data.DataError: for unreadable or inconsistent data.
         ValueError: for a checkpoint of another config or version, or a negative ``checkpoint_every``.
     """
@@ -477,6 +493,13 @@ def _refresh(run: RunState, epoch: int, cfg: TrainConfig, data: SegmentationData
         memory_budget_bytes=int(cfg.mc_memory_gb * 2**30),
         keep_maps=cfg.log_maps,
     )
+    bad = torch.nonzero(~torch.isfinite(est.difficulty)).flatten().tolist()
+    if bad:
+        raise NonFiniteLossError(
+            f"non-finite MC-Dropout difficulty at the ε refresh of epoch {epoch} for images "
+            f"{_some_names([data.names[train_idx[i]] for i in bad])}; stopping (the weights diverged, or check "
+            "those images)"
+        )
     eps = run.controller.update(epoch, est.difficulty)
     run.eps_records.append(
         pd.DataFrame({"epoch": epoch, "index": train_idx, "difficulty": est.difficulty.numpy(), "epsilon": eps.numpy()})
@@ -512,6 +535,9 @@ def _train_epoch(run: RunState, epoch: int, cfg: TrainConfig, loss_fn: nn.Module
     )
     total = torch.zeros((), device=hw.device)
     first_bad = torch.full((), -1, dtype=torch.long, device=hw.device)
+    # The dataset indices of the first non-finite batch whose own loss is non-finite, kept on the
+    # device so that the check costs no host synchronisation per step.
+    bad_images = torch.zeros(len(data), dtype=torch.bool, device=hw.device)
     n_images = 0
     step = 0
     for step, (images, masks, indices) in enumerate(loader):
@@ -525,26 +551,33 @@ def _train_epoch(run: RunState, epoch: int, cfg: TrainConfig, loss_fn: nn.Module
         run.scaler.scale(loss).backward()
         run.scaler.step(run.optimizer)
         run.scaler.update()
-        finite = torch.isfinite(loss.detach())
-        first_bad = torch.where((first_bad < 0) & ~finite, torch.tensor(step, device=hw.device), first_bad)
+        finite = torch.isfinite(per_image.detach())  # B
+        first_bad = torch.where((first_bad < 0) & ~finite.all(), torch.tensor(step, device=hw.device), first_bad)
+        bad_images[indices.to(hw.device, non_blocking=True)] |= ~finite & (first_bad == step)
         total += per_image.detach().sum()
         n_images += len(indices)
         if (step + 1) % cfg.log_every == 0:
-            _check_finite(first_bad, epoch, loader)
+            _check_finite(first_bad, bad_images, epoch, loader, data)
         if step + 1 == cfg.max_batches:
             break
-    _check_finite(first_bad, epoch, loader)
+    _check_finite(first_bad, bad_images, epoch, loader, data)
     mean = float(total) / max(n_images, 1)
     return mean
 
 
-def _check_finite(first_bad: Tensor, epoch: int, loader) -> None:
+def _check_finite(first_bad: Tensor, bad_images: Tensor, epoch: int, loader, data: SegmentationData) -> None:
     bad = int(first_bad)
     if bad >= 0:
+        names = [data.names[i] for i in torch.nonzero(bad_images).flatten().tolist()]
         raise NonFiniteLossError(
-            f"non-finite training loss at epoch {epoch}, batch {bad + 1} of {len(loader)}; "
-            "stopping (try a lower learning rate or check the inputs of that batch)"
+            f"non-finite training loss at epoch {epoch}, batch {bad + 1} of {len(loader)} (images with a "
+            f"non-finite loss: {_some_names(names)}); stopping (when every image of the batch is named, the "
+            "weights diverged: try a lower learning rate; else check those images)"
         )
+
+
+def _some_names(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _validation_threshold(model: nn.Module, data: SegmentationData, indices: np.ndarray, hw: _Hardware,
@@ -600,15 +633,17 @@ def checkpoint_state(cfg: TrainConfig, run: RunState) -> dict:
 
 def _check_version(checkpoint: dict) -> None:
     if checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint version {checkpoint.get('version')!r} is not {CHECKPOINT_VERSION}")
+        raise CheckpointError(f"checkpoint format version {checkpoint.get('version')!r}; this polydice reads "
+                              f"version {CHECKPOINT_VERSION}")
 
 
 def restore_checkpoint(checkpoint: dict, cfg: TrainConfig, run: RunState) -> None:
     """Continue ``run`` from ``checkpoint``.
 
     Raises:
-        ValueError: for another checkpoint version, a config that differs in a field outside
-            :data:`RESUMABLE_CHANGES`, or fewer ``epochs`` than the checkpoint has finished.
+        ValueError: for another checkpoint version (:class:`CheckpointError`), a config that differs
+            in a field outside :data:`RESUMABLE_CHANGES`, or fewer ``epochs`` than the checkpoint
+            has finished.
     """
     _check_version(checkpoint)
     diff = {
@@ -628,7 +663,7 @@ def resumed_config(checkpoint: dict, overrides: dict) -> TrainConfig:
 
     Raises:
         ValueError: naming every override outside :data:`RESUMABLE_CHANGES` that differs from the
-            checkpoint's value, or for another checkpoint version.
+            checkpoint's value, or for another checkpoint version (:class:`CheckpointError`).
     """
     _check_version(checkpoint)
     saved = TrainConfig.from_dict(checkpoint["config"])
@@ -643,27 +678,93 @@ def resumed_config(checkpoint: dict, overrides: dict) -> TrainConfig:
     return saved.replace(**overrides)
 
 
-def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    """Write atomically, so that a process killed mid-write leaves the previous checkpoint intact."""
+def save_checkpoint(state: dict, path: str | os.PathLike, *, keep_previous: bool = False) -> None:
+    """Write ``state`` to ``path`` atomically: a process killed mid-write, a full disk or read-only
+    storage leaves the previous checkpoint intact and no partial file behind.
+
+    The bytes go to ``<path>.tmp``, are flushed to the disk (``fsync``), and only then replace
+    ``path``; a failed write removes the temporary file.
+
+    Args:
+        state: :func:`checkpoint_state`.
+        path: the checkpoint file.
+        keep_previous: keep the checkpoint this one replaces as :data:`PREVIOUS_CHECKPOINT_FILE`
+            beside it, for :func:`load_run_checkpoint` to fall back on.
+
+    Raises:
+        CheckpointWriteError: the file could not be written; the message names it.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+    except (OSError, RuntimeError) as exc:  # torch reports a failed write as a RuntimeError
+        with suppress(OSError):  # read-only storage refuses even this
+            tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    try:
+        if keep_previous and path.exists():
+            os.replace(path, path.with_name(PREVIOUS_CHECKPOINT_FILE))
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise CheckpointWriteError(f"cannot replace checkpoint {path}: {exc}") from exc
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint with ``weights_only=True``.
+    """Read a checkpoint with ``weights_only=True`` and check that it is one this code can continue.
 
     Raises:
-        ValueError: when the file is missing or is not a readable checkpoint.
+        CheckpointError (a ``ValueError``): naming the file, when it is missing, unreadable or
+            truncated, not a polydice checkpoint (a ``model.pt``, say), of another format version
+            (naming both versions), or lacks part of the run's state.
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"no checkpoint at {path}")
+        raise CheckpointError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, corrupt, or not a torch file at all
-        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a polydice checkpoint (it holds a {type(state).__name__})")
+    if "format" in state:  # model.pt and other files that name their format
+        raise CheckpointError(f"{path}: a {state['format']!r} file, not a training checkpoint ({CHECKPOINT_FILE})")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {state.get('version')!r}, but this polydice reads version "
+            f"{CHECKPOINT_VERSION}; it was written by another version of polydice"
+        )
+    run = state.get("run")
+    missing = [k for k in ("config", "run") if not isinstance(state.get(k), dict)]
+    missing += [f"run.{k}" for k in RUN_STATE_KEYS if isinstance(run, dict) and k not in run]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint version {CHECKPOINT_VERSION} without {', '.join(missing)}")
+    return state
+
+
+def load_run_checkpoint(folder: str | os.PathLike) -> tuple[dict, list[str]]:
+    """The newest usable checkpoint of a run folder: ``checkpoint.pt``, else the one it replaced
+    (:data:`PREVIOUS_CHECKPOINT_FILE`, kept by the command line).
+
+    Returns:
+        The checkpoint, and why each newer file was passed over (empty when ``checkpoint.pt`` is used).
+
+    Raises:
+        CheckpointError: naming each file tried, when none is usable.
+    """
+    problems = []
+    for name in (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE):
+        path = Path(folder) / name
+        if name == PREVIOUS_CHECKPOINT_FILE and not path.exists():
+            break
+        try:
+            return load_checkpoint(path), problems
+        except CheckpointError as exc:
+            problems.append(str(exc))
+    raise CheckpointError("; ".join(problems))
 
 
 def write_outputs(result: RunResult, out_dir: str | os.PathLike) -> None:
@@ -720,8 +821,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("output and resume")
     run.add_argument("--out", metavar="DIR", help="output folder (default: the --resume folder)")
     run.add_argument("--resume", metavar="DIR",
-                     help="continue the run whose checkpoint is DIR/checkpoint.pt, with its config; of the flags "
-                     "above only " + ", ".join(flag_of(k) for k in sorted(RESUMABLE_CHANGES)) + " may change")
+                     help="continue the run whose checkpoint is DIR/checkpoint.pt (when that one is unreadable: "
+                     "DIR/checkpoint.prev.pt, the one it replaced), with its config; of the flags above only "
+                     + ", ".join(flag_of(k) for k in sorted(RESUMABLE_CHANGES)) + " may change")
     run.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                      help="also write DIR/checkpoint.pt every N epochs (default: 0, i.e. at every ε refresh "
                      "and at the end only)")
@@ -741,18 +843,22 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(metrics: dict, state: dict | None) -> None:
         if state is not None:
-            save_checkpoint(state, out / CHECKPOINT_FILE)
+            save_checkpoint(state, out / CHECKPOINT_FILE, keep_previous=True)
 
     try:
         resume = None
         if args.resume is not None:
-            resume = load_checkpoint(Path(args.resume) / CHECKPOINT_FILE)
+            resume, passed_over = load_run_checkpoint(args.resume)
+            for problem in passed_over:
+                print(f"warning: {problem}; continuing from the previous checkpoint "
+                      f"{Path(args.resume) / PREVIOUS_CHECKPOINT_FILE} (epoch {resume['run']['epoch']})",
+                      file=sys.stderr)
             cfg = resumed_config(resume, given)
         else:
             cfg = TrainConfig.from_dict(given)
         result = train(cfg, save, out_dir=out, resume=resume, checkpoint_every=args.checkpoint_every,
                        progress=args.progress)
-    except (DataError, ValueError, NonFiniteLossError) as exc:
+    except (DataError, ValueError, NonFiniteLossError, OSError) as exc:  # OSError: a full disk, say
         print(f"error: {exc}", file=sys.stderr)
         return 2 if not isinstance(exc, NonFiniteLossError) else 3
     s = result.summary

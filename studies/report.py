@@ -81,8 +81,8 @@ def _run_dirs(results_dir: Path):
     for path in sorted(results_dir.rglob("summary.json")):
         try:
             summary = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            warnings.warn(f"skipping unreadable {path}: {exc}", ReportWarning, stacklevel=3)
+        except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
+            warnings.warn(f"skipping unreadable {path}: {type(exc).__name__}: {exc}", ReportWarning, stacklevel=3)
             continue
         if not isinstance(summary, dict) or summary.get("test_dice") is None:
             continue  # a search trial (validation only) or an unfinished run
@@ -110,12 +110,13 @@ def collect_runs(results_dirs: list[Path]) -> pd.DataFrame:
         runs ``pm_variant`` (``PM_BOTH`` or ``PM_FOREGROUND``) and ``pm_field_missing`` (the config
         predates ``pm_include_background``: such runs were trained foreground-only). Where a
         (dataset, label, fold) appears more than once the newest ``summary.json`` (mtime) is kept,
-        with a warning.
+        with a warning. A ``summary.json`` that is unreadable, or whose metrics, ε or fold are not
+        numbers (another version's, or edited by hand), is skipped with a warning naming it.
 
     Raises:
-        ValueError: a folder does not exist or holds no tested run.
+        ValueError: a folder does not exist or holds no tested run, or none that is usable.
     """
-    rows, seen = [], set()
+    rows, seen, skipped = [], set(), []
     for results_dir in map(Path, results_dirs):
         if not results_dir.is_dir():
             raise ValueError(f"results folder {results_dir} does not exist or is not a folder")
@@ -125,35 +126,21 @@ def collect_runs(results_dirs: list[Path]) -> pd.DataFrame:
             if run_dir.resolve() in seen:  # overlapping --results folders
                 continue
             seen.add(run_dir.resolve())
-            cfg = summary["config"]
-            row = {
-                "dataset": cfg.get("dataset", "unknown"),
-                "label": run_label(cfg),
-                "method": cfg.get("method"),
-                "eps": float(cfg["eps"]) if cfg.get("method") == "polydice" else math.nan,
-                "fold": int(cfg.get("fold", 0)),
-                "folds": cfg.get("folds"),
-                "split_seed": cfg.get("split_seed"),
-                "seed": cfg.get("seed"),
-                "pm_variant": None,
-                "pm_field_missing": False,
-            }
-            if cfg.get("method") == "pm_dice":
-                # Code older than the field trained the foreground-only variant.
-                row["pm_field_missing"] = "pm_include_background" not in cfg
-                row["pm_variant"] = PM_BOTH if cfg.get("pm_include_background", False) else PM_FOREGROUND
-            for key in METRICS:
-                value = summary.get(f"test_{key}")
-                row[f"test_{key}"] = math.nan if value is None else float(value)
-            row.update(val_dice=summary.get("val_dice"), best_epoch=summary.get("best_epoch"),
-                       n_test=summary.get("n_test"), run_dir=str(run_dir),
-                       mtime=(run_dir / "summary.json").stat().st_mtime)
+            try:
+                row = _run_row(summary, run_dir)
+            except (TypeError, ValueError) as exc:  # a summary of another version, or edited by hand
+                skipped.append(f"{run_dir / 'summary.json'}: {exc}")
+                warnings.warn(f"skipping {skipped[-1]}", ReportWarning, stacklevel=2)
+                continue
             rows.append(row)
         if not found:
             raise ValueError(
                 f"no tested runs under {results_dir}: no summary.json with test metrics (search trials "
                 "have none; pass the folder of the final runs or of the baseline grid)"
             )
+    if not rows:
+        raise ValueError(f"no usable tested run under {', '.join(map(str, results_dirs))}: {skipped[0]}"
+                         + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""))
     runs = pd.DataFrame(rows).sort_values("mtime", kind="stable")
     key = ["dataset", "label", "fold"]
     dup = runs.duplicated(key, keep="last")
@@ -168,6 +155,78 @@ def collect_runs(results_dirs: list[Path]) -> pd.DataFrame:
     return runs[~dup].sort_values(key).reset_index(drop=True)
 
 
+def _number(value, what: str) -> float:
+    """``value`` as a float (NaN for a missing one); a ``ValueError`` naming ``what`` otherwise."""
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
+        raise ValueError(f"{what} is {value!r}, not a number")
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{what} is {value!r}, not a number") from None
+
+
+def _run_row(summary: dict, run_dir: Path) -> dict:
+    """One row of :func:`collect_runs` from a run's ``summary.json``.
+
+    Raises:
+        ValueError: a metric, ε or fold that is not a number.
+    """
+    cfg = summary["config"]
+    fold = _number(cfg.get("fold", 0), "config.fold")
+    if not float(fold).is_integer():
+        raise ValueError(f"config.fold is {cfg.get('fold')!r}, not a fold number")
+    fixed_eps = cfg.get("method") == "polydice"
+    eps = _number(cfg.get("eps", 0.0), "config.eps") if fixed_eps else math.nan
+    row = {
+        "dataset": str(cfg.get("dataset", "unknown")),
+        "label": run_label({**cfg, "eps": eps} if fixed_eps else cfg),
+        "method": cfg.get("method"),
+        "eps": eps,
+        "fold": int(fold),
+        "folds": cfg.get("folds"),
+        "split_seed": cfg.get("split_seed"),
+        "seed": cfg.get("seed"),
+        "pm_variant": None,
+        "pm_field_missing": False,
+    }
+    if cfg.get("method") == "pm_dice":
+        # Code older than the field trained the foreground-only variant.
+        row["pm_field_missing"] = "pm_include_background" not in cfg
+        row["pm_variant"] = PM_BOTH if cfg.get("pm_include_background", False) else PM_FOREGROUND
+    for key in METRICS:
+        row[f"test_{key}"] = _number(summary.get(f"test_{key}"), f"test_{key}")
+    row.update(val_dice=summary.get("val_dice"), best_epoch=summary.get("best_epoch"),
+               n_test=summary.get("n_test"), run_dir=str(run_dir),
+               mtime=(run_dir / "summary.json").stat().st_mtime)
+    return row
+
+
+def _read_table(path: Path, columns: list[str], owner: str) -> pd.DataFrame | None:
+    """A run's CSV file with at least ``columns`` (numeric), or ``None`` with a warning saying why
+    (unreadable, not CSV, written by a version without one of the columns, non-numeric values)."""
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError) as exc:  # pandas' parser and empty-file errors are ValueErrors
+        warnings.warn(f"{owner}: {path} is unreadable ({type(exc).__name__}: {exc}); left out",
+                      ReportWarning, stacklevel=3)
+        return None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        warnings.warn(f"{owner}: {path} has no column {', '.join(map(repr, missing))} (columns: "
+                      f"{', '.join(map(str, frame.columns))}); left out", ReportWarning, stacklevel=3)
+        return None
+    for column in columns:
+        values = pd.to_numeric(frame[column], errors="coerce")
+        if values.isna().sum() > frame[column].isna().sum():
+            warnings.warn(f"{owner}: {path} has non-numeric values in column {column!r}; left out",
+                          ReportWarning, stacklevel=3)
+            return None
+        frame[column] = values
+    return frame
+
+
 PER_IMAGE_COLUMNS = ["dataset", "label", "fold", "index", "group", "dice", "difficulty"]
 
 
@@ -178,6 +237,8 @@ def load_per_image(runs: pd.DataFrame) -> pd.DataFrame:
     ``per_image.csv`` without it takes each image's group from another run that tested the image;
     a dataset with an image that no run gives a group is paired per image, with a warning.
     A label whose folds test the same image twice (runs with different splits) keeps the first.
+    A ``per_image.csv`` that is unreadable, lacks ``index``, ``dice`` or ``difficulty`` or holds
+    non-numeric values there is left out with a warning naming it.
     """
     frames, without_group = [], set()
     for run in runs.itertuples():
@@ -186,7 +247,9 @@ def load_per_image(runs: pd.DataFrame) -> pd.DataFrame:
             warnings.warn(f"{run.label} fold {run.fold}: no per_image.csv in {run.run_dir}; "
                           "left out of the paired tests and the common hardest images", ReportWarning, stacklevel=2)
             continue
-        frame = pd.read_csv(path)
+        frame = _read_table(path, ["index", "dice", "difficulty"], f"{run.label} fold {run.fold}")
+        if frame is None:
+            continue
         if "group" not in frame.columns:
             without_group.add((run.dataset, run.label))
             frame["group"] = math.nan
@@ -503,8 +566,8 @@ def epsilon_at_last_refresh(runs: pd.DataFrame) -> pd.DataFrame:
         path = Path(run.run_dir) / "epsilon.csv"
         if not path.exists() or path.stat().st_size == 0:
             continue
-        eps = pd.read_csv(path)
-        if eps.empty:
+        eps = _read_table(path, ["epoch", "index", "difficulty", "epsilon"], f"{run.label} fold {run.fold}")
+        if eps is None or eps.empty:
             continue
         last = eps[eps["epoch"] == eps["epoch"].max()]
         frames.append(last.assign(dataset=run.dataset, label=run.label, fold=run.fold))
