@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python studies/demo.py --storage-path results
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks --quick
