@@ -17,25 +17,39 @@ search spaces and call :func:`run_study`.
   files, into its final checkpoint.
 - Resources per trial: ``cpus_per_trial`` and ``gpus_per_trial`` (fractional GPUs pack several
   trials on one card); inside a trial the device is picked from what Ray made visible.
+- Faults: a checkpoint that cannot be stored (a full disk, read-only storage) fails the trial
+  naming its path, and the previous one stays the one a restart restores; a restarted trial whose
+  checkpoint is unusable (truncated, another version's) starts over, saying why in
+  ``restarted.txt``. The Optuna study's database may restart under a running study
+  (:func:`study_storage` waits for it); a resumed experiment must be where it was started
+  (:func:`restore_or_create`).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
+import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import optuna
 import ray
 from ray._private import ray_constants
+import sqlalchemy
 import torch
 from ray import tune
 
 from .config import TrainConfig
 from .data import SegmentationData
-from .train import CHECKPOINT_FILE, MODEL_FILE, NonFiniteLossError, load_checkpoint, save_checkpoint, train
+from .train import (CHECKPOINT_FILE, MODEL_FILE, CheckpointError, CheckpointWriteError, NonFiniteLossError,
+                    load_checkpoint, save_checkpoint, train)
 
 OUTPUT_FILES = (MODEL_FILE, "summary.json", "per_image.csv", "epsilon.csv", "history.csv")
 LOOPBACK = "127.0.0.1"
@@ -117,11 +131,9 @@ def training_function(
     # Several trials share a node: each uses only the CPUs Ray gave it.
     torch.set_num_threads(_threads_for_trial())
 
-    resume = None
+    trial_dir = Path(tune.get_context().get_trial_dir())
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+    resume = None if checkpoint is None else _restored_state(checkpoint, trial_dir)
 
     last: dict = {}
 
@@ -132,9 +144,8 @@ def training_function(
             return
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(state, Path(folder) / CHECKPOINT_FILE)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+            _report_checkpoint(metrics, folder)
 
-    trial_dir = Path(tune.get_context().get_trial_dir())
     try:
         result = train(
             cfg,
@@ -161,6 +172,49 @@ def training_function(
                 if (trial_dir / name).exists():
                     (Path(folder) / name).write_bytes((trial_dir / name).read_bytes())
             tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _restored_state(checkpoint: tune.Checkpoint, trial_dir: Path) -> dict | None:
+    """The run state in a restarted trial's checkpoint, or ``None`` to start the trial over when
+    that checkpoint is unusable (truncated, corrupt, of another format version).
+
+    Tune keeps one checkpoint per trial (:func:`run_config`), so there is no earlier one to fall
+    back on. Failing would have Tune restart the trial on the same file ``max_failures`` times, and
+    ``--resume`` (which retries errored trials) again; starting over costs this trial's time only
+    and ends with the numbers of an uninterrupted run, since every epoch reseeds from (seed, epoch).
+    The reason is printed and appended to ``restarted.txt`` in the trial folder.
+    """
+    with checkpoint.as_directory() as folder:
+        try:
+            return load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+        except CheckpointError as exc:
+            message = f"{exc}; the trial starts again from epoch 1 (Tune keeps no earlier checkpoint of it)"
+    print(message, file=sys.stderr, flush=True)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    with open(trial_dir / "restarted.txt", "a") as file:
+        file.write(message + "\n")
+    return None
+
+
+def _report_checkpoint(metrics: dict, folder: str) -> None:
+    """``tune.report`` with a checkpoint; a checkpoint that cannot be stored fails the trial with
+    the path it was going to, and what it wrote of it is removed.
+
+    Tune stores the folder under ``storage_path`` and registers it only once it is complete, so the
+    trial's previous checkpoint stays the one a restart restores.
+    """
+    try:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+    except OSError as exc:  # a full disk or read-only storage
+        storage = tune.get_context().get_storage()
+        destination = storage.checkpoint_fs_path
+        try:
+            storage.storage_filesystem.delete_dir(destination)
+        except OSError:
+            pass  # nothing was created, or the storage refuses even that; Tune never registered it
+        raise CheckpointWriteError(
+            f"cannot store the checkpoint of epoch {metrics.get('epoch')} at {destination}: {exc}"
+        ) from exc
 
 
 def make_trainable(
@@ -201,6 +255,159 @@ def storage_uri(path: str | os.PathLike) -> str:
     return text if "://" in text else str(Path(text).expanduser().resolve())
 
 
+# ----------------------------------------------------------------------------- the Optuna database
+
+# How long the driver waits for an unreachable Optuna database before it stops the study: a
+# PostgreSQL restart takes seconds, a managed database's failover one to two minutes.
+DB_TIMEOUT_S = 300.0
+# Server errors that waiting does not cure (PostgreSQL SQLSTATE classes): 28 authorisation (a wrong
+# password), 3D no such database.
+_LASTING_SQLSTATE_CLASSES = ("28", "3D")
+# libpq reports a refused connection as text alone ("FATAL:  database "x" does not exist"): such a
+# refusal is lasting unless it is one of these, which pass.
+_PASSING_REFUSALS = ("starting up", "shutting down", "in recovery", "not yet accepting connections",
+                     "too many clients", "terminating connection")
+# The database this process's study uses (set by study_storage); see StudyStorage.__setstate__.
+_study_url: str | None = None
+_in_storage_call = threading.local()
+
+
+class StudyDatabaseError(SystemExit):
+    """The Optuna database did not answer within the wait; the message (one ``error:`` line) says
+    so, and that ``--resume`` continues the study.
+
+    A ``SystemExit``: ``OptunaSearch`` catches every ``Exception`` of a ``tell`` and only logs it,
+    which would drop a finished trial's result and carry on; this passes through it and through
+    Tune, and a driver that does not catch it ends with the message alone. The study then stands
+    as after a killed driver: Tune's last snapshot and every result the database holds.
+    """
+
+
+def _shown_url(url: str) -> str:
+    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+
+
+def _connection_problem(exc: BaseException) -> str | None:
+    """What went wrong, when ``exc`` (or an error it was raised from) is a lost or refused database
+    connection that may come back (the server restarts, fails over, is unreachable a while);
+    ``None`` for anything else, e.g. a wrong password or invalid data."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            sqlstate, text = getattr(exc.orig, "sqlstate", None) or "", str(exc.orig).strip()
+            if sqlstate[:2] in _LASTING_SQLSTATE_CLASSES:
+                return None
+            if not sqlstate and "FATAL:" in text and not any(p in text for p in _PASSING_REFUSALS):
+                return None
+            return text.splitlines()[0] if text else type(exc.orig).__name__
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+class StudyStorage(optuna.storages.RDBStorage):
+    """Optuna's ``RDBStorage`` for a study that runs for days: it outlives a restart of its database.
+
+    - ``pool_pre_ping``: a pooled connection that a database restart closed is replaced when it is
+      next checked out, instead of failing the next statement.
+    - Every storage call that fails on a lost or refused connection is retried, with a growing
+      pause (0.25 s to 5 s), until ``timeout_s`` has passed since the call began; then
+      :class:`StudyDatabaseError` stops the study. The wait and the reconnection are printed.
+      A write whose commit reached the database just before the connection broke is sent again:
+      a new trial then exists twice (the spare one stays ``RUNNING``), a finished trial's state is
+      refused as already set.
+    - SQLite files are not retried: an unreachable file does not come back by waiting.
+    - Restored from a pickle (Tune's experiment state holds the search algorithm and with it this
+      storage), it connects to the database this process opened with :func:`study_storage`,
+      not to the URL it was saved with: a results folder copied to another machine, or a study
+      whose database moved, resumes against the database its command line names.
+    """
+
+    def __init__(self, url: str, timeout_s: float = DB_TIMEOUT_S):
+        self.timeout_s = float(timeout_s)
+        self.waits = sqlalchemy.engine.make_url(url).get_backend_name() != "sqlite" and self.timeout_s > 0
+        self._retrying(lambda: optuna.storages.RDBStorage.__init__(self, url, engine_kwargs={"pool_pre_ping": True}))
+
+    def __setstate__(self, state: dict) -> None:
+        if _study_url is not None and state.get("url") != _study_url:
+            print(f"optuna: the experiment was saved with the database {_shown_url(state['url'])}; "
+                  f"using {_shown_url(_study_url)}", file=sys.stderr, flush=True)
+            state = {**state, "url": _study_url}
+        super().__setstate__(state)
+
+    def _retrying(self, call: Callable[[], Any]) -> Any:
+        # A call that makes other storage calls (create_new_trial → _create_new_trial) waits once.
+        if not self.waits or getattr(_in_storage_call, "active", False):
+            return call()
+        _in_storage_call.active = True
+        try:
+            return self._wait_for_database(call)
+        finally:
+            _in_storage_call.active = False
+
+    def _wait_for_database(self, call: Callable[[], Any]) -> Any:
+        start, pause, announced = time.monotonic(), 0.25, False
+        while True:
+            try:
+                result = call()
+            except Exception as exc:
+                problem = _connection_problem(exc)
+                waited = time.monotonic() - start
+                if problem is None:
+                    raise
+                if waited >= self.timeout_s:
+                    raise StudyDatabaseError(
+                        f"error: the Optuna database {_shown_url(self.url)} did not answer for {waited:.0f} s "
+                        f"({problem}); the study stops here, and --resume continues it once the database is back"
+                    ) from exc
+                if not announced:
+                    print(f"optuna: the database {_shown_url(self.url)} does not answer ({problem}); "
+                          f"waiting up to {self.timeout_s:.0f} s", file=sys.stderr, flush=True)
+                    announced = True
+                time.sleep(min(pause, self.timeout_s - waited))
+                pause = min(2 * pause, 5.0)
+                continue
+            if announced:
+                print(f"optuna: the database answers again, after {time.monotonic() - start:.1f} s",
+                      file=sys.stderr, flush=True)
+            return result
+
+
+def _retried(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        return self._retrying(lambda: method(self, *args, **kwargs))
+
+    return call
+
+
+# Every storage call: BaseStorage's public methods and the private ones Optuna's cache calls on its backend.
+for _name in sorted({n for n, _ in inspect.getmembers(optuna.storages.BaseStorage, inspect.isfunction)
+                     if not n.startswith("_")}
+                    | {"_create_new_trial", "_set_trial_param", "_get_best_trial_id", "_get_trials",
+                       "_get_stale_trial_ids"}):
+    if hasattr(optuna.storages.RDBStorage, _name):
+        setattr(StudyStorage, _name, _retried(getattr(optuna.storages.RDBStorage, _name)))
+del _name
+
+
+def study_storage(url: str, timeout_s: float = DB_TIMEOUT_S) -> StudyStorage:
+    """The Optuna storage of this process's study, waiting up to ``timeout_s`` for an unreachable
+    database (at start, and at every call later); see :class:`StudyStorage`. ``url`` becomes the
+    database of every storage this process restores from a pickle.
+
+    Args:
+        url: SQLAlchemy URL (``postgresql://...``, ``sqlite:///...``).
+        timeout_s: seconds to wait for the database; 0 fails at once.
+
+    Raises:
+        StudyDatabaseError: the database did not answer within ``timeout_s``.
+    """
+    global _study_url
+    _study_url = url
+    return StudyStorage(url, timeout_s)
+
+
 def run_config(
     name: str,
     storage_path: str,
@@ -228,6 +435,36 @@ def run_config(
     )
 
 
+# Written into a new experiment's folder (local paths): where it was started.
+EXPERIMENT_RECORD = "polydice-experiment.json"
+
+
+def _check_where_started(experiment_path: str) -> None:
+    """Refuse to resume a local experiment away from the folder it was started in.
+
+    Tune restores the search algorithm with the experiment's saved storage path, and creates the
+    trials it suggests after a resume there, not in the folder it was restored from: they would
+    fail (the old folder is gone) or write into another copy of the study (it is not).
+    """
+    record = Path(experiment_path) / EXPERIMENT_RECORD
+    if "://" in experiment_path or not record.is_file():
+        return
+    try:
+        started = json.loads(record.read_text())["experiment_path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # an unreadable record: nothing to compare; Tune decides
+    try:
+        same = Path(started).exists() and os.path.samefile(started, experiment_path)
+    except OSError:
+        same = False
+    if not same:
+        raise ValueError(
+            f"--resume: the Tune experiment at {experiment_path} was started at {started}, and Ray Tune "
+            f"{ray.__version__} creates the new trials of a resumed study there, not here; make {started} lead "
+            f"here (move the folder back, or a symbolic link {started} -> {experiment_path}) and resume again"
+        )
+
+
 def restore_or_create(
     experiment_path: str,
     trainable: Any,
@@ -235,16 +472,32 @@ def restore_or_create(
     resume: bool,
 ) -> tune.Tuner:
     """``Tuner.restore`` an interrupted experiment when asked (finished trials are kept, unfinished
-    ones continue from their checkpoints, errored ones are retried), else a new ``Tuner``.
+    ones continue from their checkpoints, errored ones are retried), else a new ``Tuner``; a new
+    experiment in a local folder records that folder in it (:data:`EXPERIMENT_RECORD`).
 
     Raises:
-        ValueError: when ``resume`` is set but there is nothing to resume at ``experiment_path``.
+        ValueError: when ``resume`` is set but there is nothing to resume at ``experiment_path``,
+            the experiment was started in another folder (copied or moved here: see
+            :func:`_check_where_started`), or what is there cannot be restored (truncated, or written
+            by another version of Ray or polydice whose classes this one does not have).
     """
     if resume:
         if not tune.Tuner.can_restore(experiment_path):
             raise ValueError(f"--resume: no Tune experiment to resume at {experiment_path}")
-        return tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True)
-    return make_tuner()
+        _check_where_started(experiment_path)
+        try:
+            return tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True)
+        except Exception as exc:  # unpickling runs whatever the saved state names: any error may come
+            raise ValueError(
+                f"--resume: the Tune experiment at {experiment_path} cannot be restored by Ray {ray.__version__} "
+                f"({type(exc).__name__}: {exc}); it is truncated, or was written by another version of Ray or "
+                "polydice: resume it with that version, or start a new study (another --study-name)"
+            ) from exc
+    tuner = make_tuner()
+    if "://" not in experiment_path:
+        write_json(Path(experiment_path) / EXPERIMENT_RECORD,
+                   {"experiment_path": str(Path(experiment_path).absolute()), "ray": ray.__version__})
+    return tuner
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -209,7 +209,7 @@ def _read_table(path: Path, columns: list[str], owner: str) -> pd.DataFrame | No
     try:
         frame = pd.read_csv(path)
     except (OSError, ValueError) as exc:  # pandas' parser and empty-file errors are ValueErrors
-        warnings.warn(f"{owner}: {path} is unreadable ({type(exc).__name__}: {exc}); left out",
+        warnings.warn(f"{owner}: {path} is unreadable ({type(exc).__name__}: {str(exc).strip()}); left out",
                       ReportWarning, stacklevel=3)
         return None
     missing = [c for c in columns if c not in frame.columns]
