@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import pickle
@@ -77,13 +78,11 @@ def _recovered(fault: str, kept: str, seconds: float) -> None:
 # ============================================================================ 3. a checkpoint write that fails
 
 
-def _half_then_enospc(path, written: list):
+def _half_then_enospc(written: list):
     """A ``torch.save`` that writes half of the bytes, then fails as a full disk does."""
     real = torch.save
 
     def save(obj, f, *args, **kwargs):
-        import io
-
         buffer = io.BytesIO()
         real(obj, buffer, *args, **kwargs)
         data = buffer.getvalue()
@@ -106,7 +105,7 @@ def test_failed_checkpoint_write_names_the_file_and_keeps_the_previous_checkpoin
     before = path.read_bytes()
 
     written: list = []
-    monkeypatch.setattr(pt.torch, "save", _half_then_enospc(path, written))
+    monkeypatch.setattr(pt.torch, "save", _half_then_enospc(written))
     with pytest.raises(pt.CheckpointWriteError, match=rf"cannot write checkpoint {path}: OSError: .*No space left"):
         pt.save_checkpoint(states[2], path, keep_previous=True)
     monkeypatch.undo()
@@ -200,7 +199,7 @@ def test_cli_on_a_full_disk_stops_with_one_error_and_resumes_from_the_last_check
         calls.append(state["run"]["epoch"])
         if len(calls) == 3:
             with monkeypatch.context() as m:
-                m.setattr(pt.torch, "save", _half_then_enospc(path, []))
+                m.setattr(pt.torch, "save", _half_then_enospc([]))
                 return real_save(state, path, **kwargs)
         return real_save(state, path, **kwargs)
 
@@ -265,10 +264,11 @@ def test_cli_resume_falls_back_to_the_previous_checkpoint_when_the_last_is_trunc
     assert str(out / pt.CHECKPOINT_FILE) in errors[0] and str(out / pt.PREVIOUS_CHECKPOINT_FILE) in errors[0]
 
 
-def _version_2_state() -> dict:
+@pytest.fixture(scope="module")
+def version_2_state(data) -> dict:
     states = []
-    pt.train(_config(epochs=1, e0=1), lambda m, s: states.append(s) if s is not None else None,
-             data=pt.load_data(_config()), evaluate_test=False)
+    pt.train(_config(epochs=1, e0=1), lambda m, s: states.append(s) if s is not None else None, data=data,
+             evaluate_test=False)
     return states[-1]
 
 
@@ -287,7 +287,7 @@ FOREIGN = {
 
 
 @pytest.mark.parametrize("kind", list(FOREIGN))
-def test_an_older_or_foreign_checkpoint_is_one_clear_error(kind, tmp_path, capsys):
+def test_an_older_or_foreign_checkpoint_is_one_clear_error(kind, version_2_state, tmp_path, capsys):
     """``load_checkpoint`` answers every older, foreign or broken file with one CheckpointError (a
     ValueError) naming the file, never a KeyError; ``--resume`` with one error line, no traceback."""
     make, message = FOREIGN[kind]
@@ -297,7 +297,7 @@ def test_an_older_or_foreign_checkpoint_is_one_clear_error(kind, tmp_path, capsy
     elif isinstance(make, bytes):
         path.write_bytes(make)
     else:
-        torch.save(make(_version_2_state()), path)
+        torch.save(make(version_2_state), path)
     with pytest.raises(pt.CheckpointError, match=rf"^{path}: {message}"):
         pt.load_checkpoint(path)
     assert pt.main(["--resume", str(tmp_path), "--no-progress"]) == 2
@@ -430,8 +430,7 @@ def tested_runs(tmp_path_factory, data):
 def _report(*args: str) -> tuple[int, str, str]:
     import report
 
-    with contextlib.redirect_stdout(__import__("io").StringIO()) as out, \
-            contextlib.redirect_stderr(__import__("io").StringIO()) as err:
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
         try:
             rc = report.main(list(args))
         except BaseException as exc:  # a traceback: the test fails with it
@@ -683,6 +682,23 @@ def _recovery_seconds(fault_dir: Path, trial: str, since: float, pid_before: int
     return min(after) - since
 
 
+def _outlived(pid: int, wait_s: float = 30.0) -> bool:
+    """Whether ``pid`` still runs after at most ``wait_s`` seconds; killed if so."""
+    import psutil
+
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            return False
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return True
+
+
 # ============================================================================ 1. a worker node lost mid-study
 
 
@@ -754,30 +770,13 @@ def test_lost_worker_node_restarts_its_trial_on_the_head_from_its_checkpoint(two
     mine = [r for r in reports if r["trial"] == lost]
     assert [(r["epoch"], r["node"]) for r in mine] == [(1, worker_id), (2, worker_id), (3, c["head"]), (4, c["head"])]
     assert _epochs(lost_dir) == [1, 2, 3, 4]
-    assert not psutil_alive(held["pid"]), "the held trial's worker process outlived its node"
+    assert not _outlived(held["pid"]), "the held trial's worker process outlived its node"
     reference = _reference_epsilon(cfg, data)
     for trial_dir in trial_dirs:
         _assert_same_epsilon(trial_dir / "epsilon.csv", reference)
     seconds = _recovery_seconds(fault_dir, lost, removed["time"], held["pid"])
     _recovered("worker node lost during epoch 3", "the trial's epoch-2 checkpoint (restored on the head), its "
                "epochs 1-2 and ε table, the other trial", seconds)
-
-
-def psutil_alive(pid: int, wait_s: float = 30.0) -> bool:
-    """Whether ``pid`` still runs after at most ``wait_s`` seconds; killed if so."""
-    import psutil
-
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return False
-        except psutil.NoSuchProcess:
-            return False
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    return True
 
 
 # ============================================================================ 2. the Optuna database restarts
