@@ -53,7 +53,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from polydice.train import load_data
-from polydice.tune import make_trainable, restore_or_create, run_config
+from polydice.tune import DB_TIMEOUT_S, make_trainable, restore_or_create, run_config, study_storage
 from search_space import AdaptiveSpace, search_ranges, thesis_point
 from warmup_asha import WarmupASHA, epochs_saved
 
@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optuna-storage", default=None,
                    help="SQLAlchemy URL of the Optuna studies (default: the SQLite file <study>-optuna.db in "
                         "--storage-path; with a remote --storage-path, in the current folder)")
+    g.add_argument("--optuna-timeout", type=float, default=DB_TIMEOUT_S, metavar="SECONDS",
+                   help="how long the driver waits for an unreachable Optuna database (a restart, a failover) "
+                        "before it stops the study with one error line; --resume continues it "
+                        f"(default: {DB_TIMEOUT_S:g})")
     g.add_argument("--scheduler", choices=("none", "asha"), default="none",
                    help="ASHA early stopping, never before a trial's own E0 + τ epochs (default: none)")
     g.add_argument("--search-fold", type=int, default=None,
@@ -83,9 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def open_study(url: str, name: str) -> tuple[optuna.storages.BaseStorage, int]:
-    """The Optuna storage and how many finished trials the study already has."""
-    storage = optuna.storages.RDBStorage(url)
+def open_study(url: str, name: str, timeout_s: float = DB_TIMEOUT_S) -> tuple[optuna.storages.BaseStorage, int]:
+    """The Optuna storage (waiting up to ``timeout_s`` for a database that restarts: see
+    ``polydice.tune.study_storage``) and how many finished trials the study already has."""
+    storage = study_storage(url, timeout_s)
     try:
         existing = optuna.load_study(study_name=name, storage=storage)
         done = len(existing.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
@@ -119,7 +124,7 @@ def search_fold(args, fold: int, base, trainable, optuna_url: str, num_samples: 
     """Fold ``fold``'s search; returns its best_config.json entry (None when no trial finished)."""
     name = f"{args.study_name}-fold{fold}"
     path = storage.join(storage.resolve(args.storage_path), name)
-    optuna_storage, finished = open_study(optuna_url, name)
+    optuna_storage, finished = open_study(optuna_url, name, args.optuna_timeout)
     if finished:
         print(f"optuna: continuing study {name!r} with {finished} finished trials")
     searcher = OptunaSearch(
