@@ -172,3 +172,13 @@ class TrainConfig:
     @property
     def uses_controller(self) -> bool:
         return self.method == "adaptive"
+
+
+def run_label(config: dict) -> str:
+    """A run's label in reports and predictions, from its config dict (``TrainConfig.to_dict()``):
+    ``tag`` if set, else the method (``polydice-eps+0.2`` for a fixed ε), as the studies name runs."""
+    if config.get("tag"):
+        return str(config["tag"])
+    if config.get("method") == "polydice":
+        return f"polydice-eps{float(config.get('eps', 0.0)):+.1f}"
+    return str(config.get("method"))

@@ -54,6 +54,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from .config import run_label
 from .data import CVC_LAYOUTS, IMAGE_SUFFIXES, DataError, _as_rgb8, _read, _resize
 from .losses import foreground_probs
 from .model import ModelFileError, UNet, load_model_file, to_input
@@ -76,15 +77,6 @@ class PredictError(ValueError):
 
 
 # ----------------------------------------------------------------------------- models
-
-
-def run_label(config: dict) -> str:
-    """The run's ``tag``, else its method (``polydice-eps+0.2`` for a fixed ε), as the studies name runs."""
-    if config.get("tag"):
-        return str(config["tag"])
-    if config.get("method") == "polydice":
-        return f"polydice-eps{float(config.get('eps', 0.0)):+.1f}"
-    return str(config.get("method"))
 
 
 def find_model_files(path: str | Path) -> list[Path]:

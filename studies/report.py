@@ -35,6 +35,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+import study_cli  # noqa: F401  (puts the checkout on sys.path, for a run without installing)
+from polydice.config import run_label
+
 METRICS = ("dice", "iou", "precision", "recall", "nsd", "nll", "brier", "dice_hardest_quartile")
 HEADERS = {
     "dice": "Dice", "iou": "IoU", "precision": "Precision", "recall": "Recall", "nsd": "NSD",
@@ -53,15 +56,6 @@ PM_BOTH, PM_FOREGROUND = "background+foreground", "foreground"
 
 class ReportWarning(UserWarning):
     """Something about the input the reader of the table should know (listed in table.md)."""
-
-
-def run_label(config: dict) -> str:
-    """``tag`` if set, else the method (``polydice-eps+0.2`` for a fixed ε), as the studies name runs."""
-    if config.get("tag"):
-        return str(config["tag"])
-    if config.get("method") == "polydice":
-        return f"polydice-eps{float(config.get('eps', 0.0)):+.1f}"
-    return str(config.get("method"))
 
 
 def single_fold_of(label: str) -> int | None:
