@@ -148,7 +148,7 @@ def search_fold(args, fold: int, base, trainable, optuna_url: str, num_samples: 
         return tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
-                                        trial_dirname_creator=study_cli.trial_dirname, reuse_actors=True,
+                                        trial_dirname_creator=study_cli.trial_dirname,
                                         num_samples=num_samples, max_concurrent_trials=concurrent or None),
             run_config=run_config(name, args.storage_path, max_failures=args.max_failures,
                                   **study_cli.progress(args, num_samples)),
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                 final_trainable,
                 param_space={"overrides": tune.grid_search(overrides)},
                 tune_config=tune.TuneConfig(max_concurrent_trials=concurrent or None,
-                                        trial_dirname_creator=study_cli.trial_dirname, reuse_actors=True),
+                                        trial_dirname_creator=study_cli.trial_dirname),
                 run_config=run_config(final_name, args.storage_path, max_failures=args.max_failures,
                                   **study_cli.progress(args)),
             )
