@@ -150,9 +150,10 @@ class StudyProcess:
         return left
 
 
-def run_study(args: list[str], env: dict, log: Path, timeout: float) -> tuple[int, str]:
-    """Run a study subprocess to the end; returns (exit code, whole output). Cleans up its session."""
-    study = StudyProcess(args, env, log)
+def run_study(args: list[str], env: dict, log: Path, timeout: float, cwd: Path = REPO) -> tuple[int, str]:
+    """Run a study subprocess (in ``cwd``) to the end; returns (exit code, whole output). Cleans up
+    its session."""
+    study = StudyProcess(args, env, log, cwd=cwd)
     try:
         rc = study.wait(timeout)
     finally:
@@ -386,3 +387,21 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+@contextlib.contextmanager
+def postgres_server():
+    """A PostgreSQL server on 127.0.0.1 for one test module, stopped afterwards; the test is
+    skipped when the server binaries or the psycopg driver are missing."""
+    import pytest
+
+    bindir = find_postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not found on PATH or under /usr/lib/postgresql/*/bin")
+    pytest.importorskip("psycopg")
+    server = PostgresServer(bindir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

@@ -784,16 +784,8 @@ def test_lost_worker_node_restarts_its_trial_on_the_head_from_its_checkpoint(two
 
 @pytest.fixture(scope="module")
 def postgres():
-    bindir = rf.find_postgres_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not found on PATH or under /usr/lib/postgresql/*/bin")
-    pytest.importorskip("psycopg")
-    server = rf.PostgresServer(bindir)
-    try:
-        server.start()
+    with rf.postgres_server() as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _pg_stop(server: rf.PostgresServer) -> None:

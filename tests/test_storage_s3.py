@@ -258,13 +258,7 @@ def _run(args: list[str], env: dict, log: Path, cwd: Path, timeout: float) -> tu
     """A study subprocess run to its end in ``cwd``; its whole session is stopped afterwards."""
     import ray_fixtures as rf
 
-    study = rf.StudyProcess(args, env, log, cwd=cwd)
-    try:
-        rc = study.wait(timeout)
-    finally:
-        left = study.close()
-    assert not left, f"processes of the study survived its end: {left}"
-    return rc, log.read_text(errors="replace")
+    return rf.run_study(args, env, log, timeout, cwd=cwd)
 
 
 @pytest.mark.slow

@@ -438,15 +438,8 @@ def finished_study(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def postgres_url():
-    bindir = rf.find_postgres_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not found on PATH or under /usr/lib/postgresql/*/bin")
-    pytest.importorskip("psycopg")
-    server = rf.PostgresServer(bindir)
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+    with rf.postgres_server() as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")
