@@ -431,8 +431,16 @@ def run_config(
         sync_config=tune.SyncConfig(sync_artifacts=True),
         stop=stop,
         verbose=verbose,
-        callbacks=callbacks,
+        # On resume, a trial whose recorded checkpoint was deleted before the kill continues from
+        # the newest one in its folder instead of failing (polydice.resume).
+        callbacks=[_missing_checkpoint_fallback(), *(callbacks or [])],
     )
+
+
+def _missing_checkpoint_fallback():
+    from .resume import MissingCheckpointFallback  # the driver's alone: not imported by trials
+
+    return MissingCheckpointFallback(CHECKPOINT_FILE)
 
 
 # Written into a new experiment's folder (local paths): where it was started.

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         return tune.Tuner(
             trainable,
             param_space={"overrides": tune.grid_search(specs), "fold": tune.grid_search(folds)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent or None,
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent or None, reuse_actors=True,
                                         trial_dirname_creator=study_cli.trial_dirname),
             run_config=run_config(args.name, args.storage_path, max_failures=args.max_failures,
                                   **study_cli.progress(args)),

@@ -50,8 +50,8 @@ import study_cli
 
 import optuna
 from ray import tune
-from ray.tune.search.optuna import OptunaSearch
 
+from polydice.resume import StudySearch, close_stale_trials, study_search_alg
 from polydice.train import load_data
 from polydice.tune import DB_TIMEOUT_S, make_trainable, restore_or_create, run_config, study_storage
 from search_space import AdaptiveSpace, search_ranges, thesis_point
@@ -127,7 +127,7 @@ def search_fold(args, fold: int, base, trainable, optuna_url: str, num_samples: 
     optuna_storage, finished = open_study(optuna_url, name, args.optuna_timeout)
     if finished:
         print(f"optuna: continuing study {name!r} with {finished} finished trials")
-    searcher = OptunaSearch(
+    searcher = StudySearch(
         space=AdaptiveSpace(base.epochs, constants={"fold": fold}),
         metric=METRIC,
         mode=MODE,
@@ -147,9 +147,11 @@ def search_fold(args, fold: int, base, trainable, optuna_url: str, num_samples: 
     def new_search() -> tune.Tuner:
         return tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
-                                        trial_dirname_creator=study_cli.trial_dirname,
-                                        num_samples=num_samples, max_concurrent_trials=concurrent or None),
+            # The searcher's own concurrency limiter (not max_concurrent_trials): one that a restore
+            # cannot leave waiting for a trial the experiment never had (polydice.resume).
+            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=study_search_alg(searcher, concurrent),
+                                        scheduler=scheduler, trial_dirname_creator=study_cli.trial_dirname,
+                                        reuse_actors=True, num_samples=num_samples),
             run_config=run_config(name, args.storage_path, max_failures=args.max_failures,
                                   **study_cli.progress(args, num_samples)),
         )
@@ -164,6 +166,10 @@ def search_fold(args, fold: int, base, trainable, optuna_url: str, num_samples: 
         print(f"asha: fold {fold}: {saved['stopped']} of {saved['trials']} trials stopped early, "
               f"{saved['epochs_saved']} of {saved['trials'] * base.epochs} epochs saved ({saved['fraction_saved']:.0%})")
     study = optuna.load_study(study_name=name, storage=optuna_storage)
+    stale = close_stale_trials(study)
+    if stale:
+        print(f"search: fold {fold}: Optuna trials {stale} were suggested before an interruption and never run; "
+              "marked failed")
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
     if not complete:
         return None
@@ -296,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             return tune.Tuner(
                 final_trainable,
                 param_space={"overrides": tune.grid_search(overrides)},
-                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent or None,
+                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent or None, reuse_actors=True,
                                         trial_dirname_creator=study_cli.trial_dirname),
                 run_config=run_config(final_name, args.storage_path, max_failures=args.max_failures,
                                   **study_cli.progress(args)),

@@ -263,9 +263,6 @@ def _run(args: list[str], env: dict, log: Path, cwd: Path, timeout: float) -> tu
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.xfail(strict=False, reason="known intermittent failure of Ray Tune's restore: a search killed while a "
-                   "trial runs can resume with an OptunaSearch that does not know that trial (KeyError in "
-                   "on_trial_result, or the resumed search waits for it forever); passes in most runs")
 def test_study_on_s3_killed_resumed_and_reported(s3, tmp_path):
     """``tune_adaptive.py --storage-path s3://bucket/prefix`` (endpoint from AWS_ENDPOINT_URL): it
     says at start where the Optuna SQLite file stays; SIGKILLed after the first search trial, then
@@ -284,7 +281,7 @@ def test_study_on_s3_killed_resumed_and_reported(s3, tmp_path):
     ray_tmp = rf.short_tmpdir("pds3")
     env = rf.ray_env(ray_tmp, AWS_ENDPOINT_URL=s3["endpoint"], **AWS_ENV)
     storage_path = f"s3://{bucket}/prefix"
-    args = [str(STUDIES / "tune_adaptive.py"), *SMOKE_ARGS, "--search-fold", "0", "--num-samples", "2",
+    args = [str(STUDIES / "tune_adaptive.py"), *SMOKE_ARGS, "--search-fold", "0", "--num-samples", "3",
             "--max-concurrent", "1", "--num-cpus", "2", "--storage-path", storage_path]
     db = work / "adaptive-optuna.db"
     t0 = time.monotonic()
@@ -310,21 +307,23 @@ def test_study_on_s3_killed_resumed_and_reported(s3, tmp_path):
         # Where the Optuna studies stay is said before any training.
         assert f"optuna: SQLite file {db}" in out1 and out1.index("optuna: SQLite file") < out1.index("search: fold 0")
         done = _optuna_counts(db, "adaptive-fold0").get("COMPLETE", 0)
-        assert done == 1, f"{done} trials finished before the kill: nothing to resume\n{out1[-4000:]}"
+        # Three trials, so that one is left to run even when a second one ended while the state was synced.
+        assert done in (1, 2), f"{done} trials finished before the kill\n{out1[-4000:]}"
         assert "prefix/adaptive-fold0/tuner.pkl" in _keys(s3, bucket)
 
         rc, out = _run([*args, "--resume"], env, tmp_path / "resume.log", work, STUDY_TIMEOUT)
         assert rc == 0, out[-8000:]
-        assert "continuing study 'adaptive-fold0' with 1 finished trials" in out, out[-8000:]
+        assert f"continuing study 'adaptive-fold0' with {done} finished trials" in out, out[-8000:]
         counts = _optuna_counts(db, "adaptive-fold0")
-        assert counts.get("COMPLETE") == 2 and counts.get("RUNNING", 0) <= 1, counts
+        # 4 when the kill fell between Tune's experiment file and its searcher file (one extra trial).
+        assert counts.get("COMPLETE") in (3, 4) and counts.get("RUNNING", 0) == 0, counts
         keys = _keys(s3, bucket, "prefix/")
         for key in ("adaptive-report/table.md", "adaptive-report/table.csv", "adaptive-report/best_config.json",
                     "adaptive-optuna.db"):
             assert f"prefix/{key}" in keys, (key, keys)
         assert any(k.startswith("prefix/adaptive-final/") and k.endswith("/summary.json") for k in keys), keys
         best = json.loads(_get(s3, bucket, "prefix/adaptive-report/best_config.json"))
-        assert best["protocol"] == "single-fold" and best["folds"]["0"]["n_complete"] == 2, best
+        assert best["protocol"] == "single-fold" and best["folds"]["0"]["n_complete"] == counts["COMPLETE"], best
         assert "adaptive-tuned-fold0" in _get(s3, bucket, "prefix/adaptive-report/table.csv").decode()
         md = _get(s3, bucket, "prefix/adaptive-report/table.md").decode()
         assert f"`{storage_path}/adaptive-final`" in md and "polydice-report-" not in md
@@ -333,7 +332,7 @@ def test_study_on_s3_killed_resumed_and_reported(s3, tmp_path):
         # The uploaded database copy holds the finished study.
         copy = tmp_path / "copy.db"
         copy.write_bytes(_get(s3, bucket, "prefix/adaptive-optuna.db"))
-        assert _optuna_counts(copy, "adaptive-fold0").get("COMPLETE") == 2
+        assert _optuna_counts(copy, "adaptive-fold0").get("COMPLETE") == counts["COMPLETE"]
 
         # The report from S3 to S3, endpoint and credentials in the URIs, no endpoint variable.
         report_env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
