@@ -150,6 +150,32 @@ class StudyProcess:
         return left
 
 
+@contextlib.contextmanager
+def local_ray(prefix: str, num_cpus: int, by_value: str | None = None, **init_kwargs):
+    """One local Ray instance on 127.0.0.1 in a private temp dir, shut down and removed on exit.
+
+    ``by_value`` names a test module whose functions Ray workers get by value (they cannot
+    import a test module)."""
+    import ray
+
+    from polydice.tune import init_ray
+
+    if by_value is not None:
+        ray.cloudpickle.register_pickle_by_value(sys.modules[by_value])
+    tmp = short_tmpdir(prefix)
+    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_ADDRESS")}
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ["RAY_TMPDIR"] = tmp
+    try:
+        init_ray(num_cpus=num_cpus, **init_kwargs)
+        yield tmp
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run_study(args: list[str], env: dict, log: Path, timeout: float, cwd: Path = REPO) -> tuple[int, str]:
     """Run a study subprocess (in ``cwd``) to the end; returns (exit code, whole output). Cleans up
     its session."""

@@ -819,18 +819,8 @@ def test_a_database_that_is_wrong_fails_at_once_and_one_that_is_unreachable_afte
 @pytest.fixture(scope="class")
 def local_ray():
     """One local Ray instance on 127.0.0.1 (2 CPUs) for the tests of a class, in a private temp dir."""
-    tmp = rf.short_tmpdir("pdflt")
-    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_ADDRESS")}
-    os.environ.pop("RAY_ADDRESS", None)
-    os.environ["RAY_TMPDIR"] = tmp
-    try:
-        ptune.init_ray(num_cpus=2, log_to_driver=False)
+    with rf.local_ray("pdflt", 2, log_to_driver=False) as tmp:
         yield tmp
-    finally:
-        ray.shutdown()
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _search(name: str, url: str, timeout_s: float):

@@ -174,7 +174,6 @@ def test_uncapped_search_is_the_searcher_itself(tmp_path):
 import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -198,25 +197,10 @@ def _scripted(config):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    import ray
     import ray_fixtures as rf
 
-    from polydice.tune import init_ray
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this module
-    tmp = rf.short_tmpdir("pdres")
-    saved = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tmp
-    try:
-        init_ray(num_cpus=1)
+    with rf.local_ray("pdres", 1, by_value=__name__):
         yield
-    finally:
-        ray.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = saved
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.ray

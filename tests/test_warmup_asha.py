@@ -8,7 +8,6 @@ bookkeeping is checked directly on the scheduler with stand-in trials.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -125,23 +124,8 @@ def test_epochs_saved():
 
 @pytest.fixture(scope="module")
 def local_ray():
-    from polydice.tune import init_ray
-
-    # Ray workers cannot import this test module: ship the trainable by value.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    tmp = rf.short_tmpdir("pdasha")
-    saved = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tmp
-    try:
-        init_ray(num_cpus=1)
+    with rf.local_ray("pdasha", 1, by_value=__name__):
         yield
-    finally:
-        ray.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = saved
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _run(scheduler, storage: Path) -> tuple[dict, tune.ResultGrid]:
