@@ -19,7 +19,6 @@ import pytest  # noqa: E402
 
 pytest.importorskip("ray.tune")
 
-import ray  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler  # noqa: E402
 
