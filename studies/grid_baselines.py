@@ -80,15 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     folds = args.fold_list if args.fold_list is not None else list(range(base.folds))
     root = storage.resolve(args.storage_path)  # a local folder or a URI (s3://...)
     exp_path = storage.join(root, args.name)
-    try:
-        found = tune.Tuner.can_restore(exp_path)
-    except OSError as exc:  # a missing bucket, refused credentials, an unreachable endpoint
-        print(storage.redact(f"error: the storage path {root} cannot be read: {exc}"), file=sys.stderr)
-        return 2
-    if not args.resume and found:
-        print(storage.redact(f"error: a grid named {args.name!r} already exists at {exp_path}; "
-                             "pass --resume or another --name"), file=sys.stderr)
-        return 2
+    _, refused = study_cli.existing_experiments(root, [exp_path], args.resume, f"a grid named {args.name!r}")
+    if refused is not None:
+        return refused
     report_uri, report_local = storage.report_dirs(args.storage_path, args.name)
     if storage.is_remote(root):
         print(storage.redact(f"storage: {root} (remote): the Tune experiment there; the report is built in "

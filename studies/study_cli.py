@@ -189,3 +189,21 @@ def max_concurrent(args: argparse.Namespace, gpus_per_trial: float) -> int:
     if gpus_per_trial > 0 and args.num_gpus:
         caps.append(max(1, math.floor(args.num_gpus / gpus_per_trial + 1e-9)))
     return min(caps) if caps else 0
+
+
+def existing_experiments(root: str, experiments: list[str], resume: bool, what: str) -> tuple[list[str], int | None]:
+    """The experiments of ``experiments`` saved earlier, and ``None`` when the study may go on or
+    the exit code after one ``error:`` line (storage that cannot be read, or a study of that name
+    without ``--resume``: never start over one). ``what`` names the study in that line."""
+    from ray import tune
+
+    try:
+        found = [e for e in experiments if tune.Tuner.can_restore(e)]
+    except OSError as exc:  # a missing bucket, refused credentials, an unreachable endpoint
+        print(storage.redact(f"error: the storage path {root} cannot be read: {exc}"), file=sys.stderr)
+        return [], 2
+    if found and not resume:
+        print(storage.redact(f"error: {what} already exists ({found[0]}); pass --resume to continue it "
+                             "or choose another name"), file=sys.stderr)
+        return found, 2
+    return found, None

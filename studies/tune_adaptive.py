@@ -204,15 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     report_uri, report_local = storage.report_dirs(args.storage_path, args.study_name)
     best_path = storage.join(report_uri, "best_config.json")
     experiments = [storage.join(root, f"{args.study_name}-fold{f}") for f in folds] + [final_path]
-    try:
-        existing = [e for e in experiments if tune.Tuner.can_restore(e)]
-    except OSError as exc:  # a missing bucket, refused credentials, an unreachable endpoint
-        print(storage.redact(f"error: the storage path {root} cannot be read: {exc}"), file=sys.stderr)
-        return 2
-    if not args.resume and existing:
-        print(storage.redact(f"error: a study named {args.study_name!r} already exists ({existing[0]}); "
-                             "pass --resume to continue it or choose another --study-name"), file=sys.stderr)
-        return 2
+    existing, refused = study_cli.existing_experiments(root, experiments, args.resume, f"a study named {args.study_name!r}")
+    if refused is not None:
+        return refused
     if not remote:
         Path(root).mkdir(parents=True, exist_ok=True)
 

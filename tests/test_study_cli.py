@@ -122,3 +122,18 @@ def test_unreadable_best_config_on_resume_names_the_file(tmp_path):
     (report / "best_config.json").write_text("{not json")
     with pytest.raises(SystemExit, match="best_config.json is unreadable"):
         tune_adaptive.main(["--smoke", "--storage-path", str(tmp_path), "--resume"])
+
+
+@pytest.mark.parametrize("script", ["tune_adaptive", "grid_baselines"])
+def test_a_saved_study_of_that_name_is_never_started_over(script, tmp_path, capsys):
+    """A Tune experiment saved under the study's name: without --resume, one error line and exit 2,
+    before Ray starts or anything is written."""
+    experiment = tmp_path / ("adaptive-fold0" if script == "tune_adaptive" else "baselines")
+    experiment.mkdir()
+    (experiment / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
+    before = sorted(p.name for p in tmp_path.iterdir())
+    main = tune_adaptive.main if script == "tune_adaptive" else grid_baselines.main
+    assert main(["--smoke", "--storage-path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: a ") and f"already exists ({experiment})" in err and "--resume" in err, err
+    assert "\n" not in err and sorted(p.name for p in tmp_path.iterdir()) == before
