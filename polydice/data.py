@@ -13,7 +13,7 @@ import copy
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import albumentations as A
@@ -23,7 +23,6 @@ import pandas as pd
 import tifffile
 import torch
 from PIL import Image
-from sklearn.model_selection import GroupKFold, GroupShuffleSplit, KFold
 from torch.utils.data import DataLoader, Dataset
 
 from .config import DATASETS
@@ -73,6 +72,8 @@ class SegmentationData:
     masks: np.ndarray
     groups: np.ndarray
     names: list[str]
+    # (n_folds, seed, val_fraction) -> make_folds' result; see folds().
+    _folds: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -95,6 +96,15 @@ class SegmentationData:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def folds(self, n_folds: int = 5, seed: int = 0, val_fraction: float = 0.2) -> list:
+        """:func:`make_folds` of this dataset's groups, computed once per argument set and kept
+        with the data: a study computes its folds in the driver before the data goes to the
+        trials, which then neither split again nor load scikit-learn (about 1 s per trial process)."""
+        key = (int(n_folds), int(seed), float(val_fraction))
+        if key not in self._folds:
+            self._folds[key] = make_folds(self.groups, n_folds, seed=seed, val_fraction=val_fraction)
+        return self._folds[key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,6 +514,9 @@ def make_folds(
         DataError: n_folds < 2 or more folds than groups; val_fraction outside (0, 1); a training
             part with too few groups to hold out a validation part.
     """
+    # Imported here: a trial process that gets its folds with the data never needs scikit-learn.
+    from sklearn.model_selection import GroupKFold, GroupShuffleSplit, KFold
+
     groups = np.asarray(groups).reshape(-1)
     n_groups = np.unique(groups).size
     if n_folds < 2:

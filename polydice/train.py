@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import TrainConfig
-from .data import DataError, SegmentationData, build_augmentation, load_dataset, make_folds, make_loader
+from .data import DataError, SegmentationData, build_augmentation, load_dataset, make_loader
 from .losses import build_loss, foreground_probs
 from .metrics import all_metrics, hardest_quartile_mean, segmentation_metrics
 from .model import UNet, save_model_file, to_input
@@ -372,8 +372,7 @@ def train(
         data = load_data(cfg)
     elif data.images.shape[1] != cfg.image_size:
         raise ValueError(f"data holds {data.images.shape[1]}px images but the config asks for {cfg.image_size}px")
-    folds = make_folds(data.groups, cfg.folds, seed=cfg.split_seed, val_fraction=cfg.val_fraction)
-    train_idx, val_idx, test_idx = folds[cfg.fold]
+    train_idx, val_idx, test_idx = data.folds(cfg.folds, cfg.split_seed, cfg.val_fraction)[cfg.fold]
     val_eval_idx = val_idx[: cfg.max_batches * cfg.batch_size] if cfg.max_batches else val_idx
 
     model = build_model(cfg).to(hw.device, memory_format=hw.memory_format)

@@ -226,7 +226,11 @@ def make_trainable(
     evaluate_test: bool = False,
     checkpoint_every: int = 0,
 ):
-    """The trainable with the dataset put once into the object store and resources attached."""
+    """The trainable with the dataset put once into the object store and resources attached.
+
+    The base config's folds are computed here, in the driver, and travel with the data (see
+    :meth:`SegmentationData.folds`): a trial does not split again."""
+    data.folds(base.folds, base.split_seed, base.val_fraction)
     fn = tune.with_parameters(
         training_function,
         base=base.to_dict(),

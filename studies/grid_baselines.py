@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    study_cli.quiet_console(args)
     base = study_cli.base_config(args)
     specs = method_specs(args.methods, args.polydice_scale)
     folds = args.fold_list if args.fold_list is not None else list(range(base.folds))

@@ -88,9 +88,44 @@ def progress(args: argparse.Namespace, total: int | None = None) -> dict:
     else one line per finished trial."""
     if args.verbose:
         return {"verbose": 1}
-    import logging
-
     from ray import tune
+
+    quiet_console(args)
+
+    class TrialLines(tune.Callback):
+        """One line per finished trial, numbered among the experiment's finished trials (so a
+        resumed study goes on counting from those that ended before the interruption)."""
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._line(trials, trial, "done")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(trials, trial, "FAILED (its error is in the trial folder's error.txt)")
+
+        def _line(self, trials, trial, status):
+            done = 1 + sum(1 for t in trials if t is not trial and t.is_finished())
+            config, result = trial.config, trial.last_result or {}
+            what = config.get("overrides", {}).get("tag") or ", ".join(
+                f"{k}={config[k]:.3g}" for k in ("k", "q", "e0", "tau", "eps_min", "eps_max") if k in config)
+            fold = config.get("fold", config.get("overrides", {}).get("fold", "?"))
+            score = ""
+            val = result.get("best_val_dice", result.get("val_dice"))
+            if val is not None:
+                score = f": val Dice {val:.4f} (epoch {result.get('best_epoch', '?')})"
+            if "test_dice" in result:
+                score += f", test Dice {result['test_dice']:.4f}"
+            print(f"  [{done}/{total or len(trials)}] fold {fold} {what}{score} {status}", flush=True)
+
+    return {"verbose": 0, "callbacks": [TrialLines()]}
+
+
+def quiet_console(args: argparse.Namespace) -> None:
+    """Without ``--verbose``: no Tune experiment box, INFO lines or sync advice, for new and
+    resumed experiments alike (a resumed one keeps the settings it was saved with, so this runs
+    at the start of every study)."""
+    if args.verbose:
+        return
+    import logging
 
     # Tune's new console output prints an experiment box even at verbose 0; the legacy reporter
     # prints nothing there. Its INFO lines and the snapshot-frequency advice are noise on a console.
@@ -103,33 +138,6 @@ def progress(args: argparse.Namespace, total: int | None = None) -> dict:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     except ImportError:
         pass
-
-    class TrialLines(tune.Callback):
-        def __init__(self):
-            self.done = 0
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self.done += 1
-            self._line(trials, trial, "done")
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self.done += 1
-            self._line(trials, trial, "FAILED (its error is in the trial folder's error.txt)")
-
-        def _line(self, trials, trial, status):
-            config, result = trial.config, trial.last_result or {}
-            what = config.get("overrides", {}).get("tag") or ", ".join(
-                f"{k}={config[k]:.3g}" for k in ("k", "q", "e0", "tau", "eps_min", "eps_max") if k in config)
-            fold = config.get("fold", config.get("overrides", {}).get("fold", "?"))
-            score = ""
-            val = result.get("best_val_dice", result.get("val_dice"))
-            if val is not None:
-                score = f": val Dice {val:.4f} (epoch {result.get('best_epoch', '?')})"
-            if "test_dice" in result:
-                score += f", test Dice {result['test_dice']:.4f}"
-            print(f"  [{self.done}/{total or len(trials)}] fold {fold} {what}{score} {status}", flush=True)
-
-    return {"verbose": 0, "callbacks": [TrialLines()]}
 
 
 def trial_dirname(trial) -> str:

@@ -190,6 +190,7 @@ def search_fold(args, fold: int, base, trainable, optuna_url: str, num_samples: 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    study_cli.quiet_console(args)
     num_samples = args.num_samples or (3 if args.smoke else 32)
     base = study_cli.base_config(args, method="adaptive", tag="adaptive-search")
     if args.search_fold is not None and not 0 <= args.search_fold < base.folds:

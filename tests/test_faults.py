@@ -41,7 +41,7 @@ pytest.importorskip("psutil")
 
 import polydice.train as pt  # noqa: E402
 from polydice.config import METHODS, TrainConfig  # noqa: E402
-from polydice.data import DataError, SegmentationData, load_dataset  # noqa: E402
+from polydice.data import DataError, SegmentationData, load_dataset, make_folds  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = REPO / "studies"
@@ -371,7 +371,7 @@ def test_a_non_finite_loss_names_epoch_batch_and_images(data, monkeypatch):
     """A loss that turns NaN for two images in epoch 2 stops the run naming the epoch, the batch
     and the files of the batch's images whose loss is non-finite, and no other image."""
     cfg = _config(method="dice", epochs=2)
-    train_idx = pt.make_folds(data.groups, cfg.folds, seed=cfg.split_seed, val_fraction=cfg.val_fraction)[0][0]
+    train_idx = make_folds(data.groups, cfg.folds, seed=cfg.split_seed, val_fraction=cfg.val_fraction)[0][0]
     poisoned = {data.names[i] for i in train_idx[[3, 7]]}
     batch = {"epoch": 0}
     real_loader, real_loss = pt.make_loader, pt.build_method_loss

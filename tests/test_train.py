@@ -21,7 +21,7 @@ from torch import nn
 
 import polydice.train as pt
 from polydice.config import DATASETS, METHODS, SCALES, TrainConfig
-from polydice.data import load_dataset
+from polydice.data import load_dataset, make_folds
 from polydice.model import UNet, load_model_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def test_tensorboard_has_the_loss_dice_and_epsilon_histograms(adaptive_run):
 
 
 def _val_idx(data, cfg: TrainConfig) -> np.ndarray:
-    return pt.make_folds(data.groups, cfg.folds, seed=cfg.split_seed, val_fraction=cfg.val_fraction)[cfg.fold][1]
+    return make_folds(data.groups, cfg.folds, seed=cfg.split_seed, val_fraction=cfg.val_fraction)[cfg.fold][1]
 
 
 def test_model_file_holds_the_best_epoch_and_rebuilds_its_validation_dice(adaptive_run, synthetic_32):
@@ -177,7 +177,7 @@ def test_test_metrics_and_model_file_come_from_the_best_validation_epoch(synthet
     assert info["epoch"] == 2 and info["val_dice"] == 0.9
     assert all(torch.equal(saved[k], weights[2][k]) for k in weights[2])
 
-    test_idx = pt.make_folds(synthetic_32.groups, cfg.folds, seed=cfg.split_seed, val_fraction=cfg.val_fraction)[0][2]
+    test_idx = make_folds(synthetic_32.groups, cfg.folds, seed=cfg.split_seed, val_fraction=cfg.val_fraction)[0][2]
 
     def metrics_of(epoch):
         model = pt.build_model(cfg)
@@ -286,7 +286,7 @@ def test_max_batches_limits_training_and_validation_batches(synthetic_32, monkey
 
 
 def _val_dice_of(model: UNet, data, cfg: TrainConfig) -> float:
-    _, val_idx, _ = pt.make_folds(data.groups, cfg.folds, seed=cfg.split_seed, val_fraction=cfg.val_fraction)[cfg.fold]
+    _, val_idx, _ = make_folds(data.groups, cfg.folds, seed=cfg.split_seed, val_fraction=cfg.val_fraction)[cfg.fold]
     return pt._validation_dice(model, data, val_idx, pt._Hardware(cfg), cfg.batch_size)
 
 
@@ -308,7 +308,7 @@ def test_a_short_synthetic_run_learns():
 
 def test_nan_loss_stops_the_run_naming_epoch_and_batch(synthetic_32, monkeypatch):
     cfg = _config(epochs=3, method="dice", log_maps=0, tensorboard=False)
-    n_train = len(pt.make_folds(synthetic_32.groups, cfg.folds, seed=cfg.split_seed, val_fraction=cfg.val_fraction)[0][0])
+    n_train = len(make_folds(synthetic_32.groups, cfg.folds, seed=cfg.split_seed, val_fraction=cfg.val_fraction)[0][0])
     batches = -(-n_train // cfg.batch_size)
     real = pt.build_method_loss
     calls = {"n": 0}
