@@ -119,9 +119,9 @@ def tune_whole_vs_direct(cfg: TrainConfig, data: SegmentationData, hw: _Hardware
     called directly one after another in one process.
 
     What a study pays per trial beyond its training: the trial actor's start and imports (paid once
-    here, as this case lets Tune reuse the actor for the next trial; the studies start one actor
-    per trial), the dataset fetched from the object store, reports, checkpoints and their copy to
-    storage, Tune's bookkeeping.
+    per ``fit()``: Tune reuses the actor for the next trial, here as in the studies), the dataset
+    fetched from the object store, reports, checkpoints and their copy to storage, Tune's
+    bookkeeping.
     """
     trainable = make_trainable(cfg, data, cpus_per_trial=threads, gpus_per_trial=1 if hw.device.type == "cuda" else 0)
     seeds = list(range(trials))
