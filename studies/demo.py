@@ -31,7 +31,7 @@ import storage
 import tune_adaptive
 
 # Sized to learn on two CPU cores in a few minutes: 64 px, a slim U-Net, a higher learning rate.
-DEMO = ["--image-size", "64", "--base-channels", "8", "--batch-size", "16", "--epochs", "16", "--lr", "3e-3",
+DEMO = ["--image-size", "64", "--base-channels", "8", "--batch-size", "16", "--epochs", "20", "--lr", "3e-3",
         "--mc-samples", "4"]
 FOLD = 0
 
