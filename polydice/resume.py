@@ -1,8 +1,9 @@
 """Resuming a study whose driver was killed: what Tune's saved state can get wrong, put right.
 
-Two parts: an Optuna searcher whose state survives the kill (:class:`StudySearch`,
-:class:`StudyConcurrencyLimiter`, :func:`close_stale_trials`), and a callback that restarts a
-trial whose recorded checkpoint is no longer in storage (:class:`MissingCheckpointFallback`).
+Two parts: an Optuna search whose state survives the kill (:class:`StudySearch`,
+:class:`StudyConcurrencyLimiter`, :class:`TrialCount`, :func:`close_stale_trials`), and a callback
+that restarts a trial whose recorded checkpoint is no longer in storage
+(:class:`MissingCheckpointFallback`).
 
 Ray Tune saves a search in two parts, at different moments and as separate files: the experiment
 state (which trials exist, and in what state) and the searcher's pickle (which Optuna trial belongs
@@ -39,7 +40,7 @@ import optuna
 import pyarrow.fs
 from optuna.trial import TrialState
 from ray import tune
-from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 logger = logging.getLogger(__name__)
@@ -181,11 +182,38 @@ class StudyConcurrencyLimiter(ConcurrencyLimiter):
         super().on_trial_complete(trial_id, result=result, error=error)
 
 
-def study_search_alg(searcher: StudySearch, max_concurrent: int | None):
+def study_search_alg(searcher: StudySearch, max_concurrent: int | None) -> SearchGenerator:
     """The search algorithm to hand to ``TuneConfig(search_alg=...)`` (with
     ``max_concurrent_trials=None``): the searcher, under :class:`StudyConcurrencyLimiter` when
-    trials are capped."""
-    return StudyConcurrencyLimiter(searcher, max_concurrent) if max_concurrent else searcher
+    trials are capped, in the ``SearchGenerator`` that :class:`TrialCount` corrects."""
+    return SearchGenerator(StudyConcurrencyLimiter(searcher, max_concurrent) if max_concurrent else searcher)
+
+
+class TrialCount(tune.Callback):
+    """On resume, sets the search's count of created trials to the trials the experiment has.
+
+    ``SearchGenerator`` saves that count with the searcher, apart from the experiment state, so a
+    kill between the two writes leaves it one behind (the resumed search would run a trial more
+    than ``num_samples``) or one ahead (a trial fewer). Hand it the ``SearchGenerator`` given to
+    ``TuneConfig`` (see :func:`study_search_alg`); Tune saves both in one file, so a restored
+    experiment's callback holds its restored search.
+    """
+
+    def __init__(self, search_alg: SearchGenerator) -> None:
+        self.search_alg = search_alg
+        self._done = False
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if self._done:
+            return
+        self._done = True
+        state = self.search_alg.get_state()
+        if state["counter"] != len(trials):
+            logger.info("search: %d trials created by the restored search, %d in the experiment; counting %d",
+                        state["counter"], len(trials), len(trials))
+            state["counter"] = len(trials)
+            state["finished"] = len(trials) >= state["total_samples"]
+            self.search_alg.set_state(state)
 
 
 def close_stale_trials(study: optuna.Study) -> list[int]:

@@ -51,7 +51,7 @@ import study_cli
 import optuna
 from ray import tune
 
-from polydice.resume import StudySearch, close_stale_trials, study_search_alg
+from polydice.resume import StudySearch, TrialCount, close_stale_trials, study_search_alg
 from polydice.train import load_data
 from polydice.tune import DB_TIMEOUT_S, make_trainable, restore_or_create, run_config, study_storage
 from search_space import AdaptiveSpace, search_ranges, thesis_point
@@ -145,15 +145,18 @@ def search_fold(args, fold: int, base, trainable, optuna_url: str, num_samples: 
         scheduler = WarmupASHA(time_attr="epoch", max_t=base.epochs, grace_period=grace, reduction_factor=3)
 
     def new_search() -> tune.Tuner:
+        # The searcher's own concurrency limiter (not max_concurrent_trials), one that a restore
+        # cannot leave waiting for a trial the experiment never had, and a restored search that
+        # counts the experiment's trials (polydice.resume).
+        search_alg = study_search_alg(searcher, concurrent)
+        console = study_cli.progress(args, num_samples)
+        console["callbacks"] = [TrialCount(search_alg), *console.get("callbacks", [])]
         return tune.Tuner(
             trainable,
-            # The searcher's own concurrency limiter (not max_concurrent_trials): one that a restore
-            # cannot leave waiting for a trial the experiment never had (polydice.resume).
-            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=study_search_alg(searcher, concurrent),
-                                        scheduler=scheduler, trial_dirname_creator=study_cli.trial_dirname,
-                                        reuse_actors=True, num_samples=num_samples),
-            run_config=run_config(name, args.storage_path, max_failures=args.max_failures,
-                                  **study_cli.progress(args, num_samples)),
+            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=search_alg, scheduler=scheduler,
+                                        trial_dirname_creator=study_cli.trial_dirname, reuse_actors=True,
+                                        num_samples=num_samples),
+            run_config=run_config(name, args.storage_path, max_failures=args.max_failures, **console),
         )
 
     print(f"search: fold {fold}, {num_samples} trials on its training part (study {name!r})")

@@ -32,13 +32,17 @@ SPACE = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
 STUDY = "resume"
 
 
+def _searcher(tmp_path, cls=None):
+    return (cls or StudySearch)(space=SPACE, metric="v", mode="max", study_name=STUDY,
+                                storage=optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db"),
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+
+
 def _alg(tmp_path, ours: bool = True, concurrent: int = 1) -> SearchGenerator:
     """The search algorithm as Tune wraps it: ``SearchGenerator(limiter(searcher))``."""
-    kwargs = dict(space=SPACE, metric="v", mode="max", study_name=STUDY, storage=optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db"),
-                  sampler=optuna.samplers.RandomSampler(seed=0))
     if ours:
-        return SearchGenerator(study_search_alg(StudySearch(**kwargs), concurrent))
-    return SearchGenerator(ConcurrencyLimiter(OptunaSearch(**kwargs), concurrent))
+        return study_search_alg(_searcher(tmp_path), concurrent)
+    return SearchGenerator(ConcurrencyLimiter(_searcher(tmp_path, OptunaSearch), concurrent))
 
 
 def _restored(tmp_path, saved: SearchGenerator, ours: bool = True) -> SearchGenerator:
@@ -163,7 +167,7 @@ def test_trial_told_after_the_searcher_saved_is_not_told_twice(tmp_path):
     assert _limiter(restored).suggest("b") is not None
 
 
-def test_uncapped_search_is_the_searcher_itself(tmp_path):
+def test_uncapped_search_has_no_limiter(tmp_path):
     alg = _alg(tmp_path, concurrent=0)
     assert isinstance(alg.searcher, StudySearch)
     assert isinstance(_alg(tmp_path, concurrent=2).searcher, StudyConcurrencyLimiter)
@@ -233,3 +237,46 @@ def test_trial_whose_recorded_checkpoint_is_gone_continues(local_ray, tmp_path, 
     assert grid[0].metrics["resumed_after"] == (2 if newer else 0)
     note = (trial_dir / "restarted.txt").read_text()
     assert ("continues from" if newer else "starts again from epoch 1") in note, note
+
+
+def _scored(config):
+    from ray import tune
+
+    tune.report({"v": config["x"]})
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("saved_count", [1, 4], ids=["count-behind", "count-ahead"])
+def test_resumed_search_counts_the_trials_of_the_experiment(local_ray, tmp_path, saved_count):
+    """The search's saved count of created trials out of step with the experiment's 3 trials (1 of
+    3, or 4 of 5): the resumed search ends with exactly 3, or 5, trials, where Tune alone would run
+    2 more than asked, or 1 fewer."""
+    import glob
+
+    import ray.cloudpickle as cloudpickle
+    from ray import tune
+
+    from polydice.resume import TrialCount
+    from polydice.tune import run_config
+
+    def tuner(num_samples):
+        search_alg = study_search_alg(_searcher(tmp_path), 1)
+        return tune.Tuner(_scored, tune_config=tune.TuneConfig(metric="v", mode="max", search_alg=search_alg,
+                                                               num_samples=num_samples),
+                          run_config=run_config("count", str(tmp_path / "results"), max_failures=0, verbose=0,
+                                                callbacks=[TrialCount(search_alg)]))
+
+    experiment = tmp_path / "results" / "count"
+    assert len(tuner(3).fit()) == 3
+    # As if saved by a search of num_samples trials that had created saved_count of them.
+    num_samples = 3 if saved_count < 3 else 5
+    state_file = sorted(glob.glob(str(experiment / "search_gen_state-*.json")))[-1]
+    with open(state_file, "rb") as f:
+        state = cloudpickle.load(f)
+    state.update(counter=saved_count, total_samples=num_samples, finished=saved_count >= num_samples)
+    with open(state_file, "wb") as f:
+        cloudpickle.dump(state, f)
+
+    grid = tune.Tuner.restore(str(experiment), _scored).fit()
+    assert len(grid) == num_samples, len(grid)
+    assert len(_study(tmp_path).trials) == num_samples
