@@ -186,6 +186,9 @@ def start_ray(args: argparse.Namespace) -> str:
                     log_to_driver=args.verbose)
     if args.num_gpus is None:
         args.num_gpus = detect_gpus(mode)
+    elif mode == "local" and args.num_gpus > detect_gpus(mode):
+        print(f"note: --num-gpus {args.num_gpus:g} on a machine with {detect_gpus(mode):g} CUDA devices: Ray schedules "
+              "the trials as on a GPU node, and a trial without a device trains on the CPU", flush=True)
     return mode
 
 

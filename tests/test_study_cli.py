@@ -137,3 +137,18 @@ def test_a_saved_study_of_that_name_is_never_started_over(script, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: a ") and f"already exists ({experiment})" in err and "--resume" in err, err
     assert "\n" not in err and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_logical_gpus_beyond_the_machine_are_said_at_start(monkeypatch, capsys):
+    import torch
+
+    import polydice.tune
+
+    monkeypatch.setattr(polydice.tune, "init_ray", lambda *a, **k: "local")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    args = tune_adaptive.build_parser().parse_args(["--num-gpus", "8"])
+    assert study_cli.start_ray(args) == "local"
+    assert "note: --num-gpus 8 on a machine with 0 CUDA devices" in capsys.readouterr().out
+    args = tune_adaptive.build_parser().parse_args([])
+    study_cli.start_ray(args)
+    assert args.num_gpus == 0 and "note:" not in capsys.readouterr().out
