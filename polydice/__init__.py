@@ -5,7 +5,7 @@ The pieces for a training loop of one's own::
     from polydice import PolyDiceLoss, EpsilonController, estimate_uncertainty, UNet
 
 They are imported on first use, so that ``import polydice`` itself stays instant (no torch, and
-never Ray, which only ``polydice.tune`` imports).
+never Ray, which only ``polydice.tune`` and ``polydice.resume`` import).
 """
 
 from __future__ import annotations

@@ -53,7 +53,8 @@ from ray import tune
 
 from polydice.resume import StudySearch, TrialCount, close_stale_trials, study_search_alg
 from polydice.train import load_data
-from polydice.tune import DB_TIMEOUT_S, make_trainable, restore_or_create, run_config, study_storage
+from polydice.studydb import DB_TIMEOUT_S, study_storage
+from polydice.tune import make_trainable, restore_or_create, run_config
 from search_space import AdaptiveSpace, search_ranges, thesis_point
 from warmup_asha import WarmupASHA, epochs_saved
 
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def open_study(url: str, name: str, timeout_s: float = DB_TIMEOUT_S) -> tuple[optuna.storages.BaseStorage, int]:
     """The Optuna storage (waiting up to ``timeout_s`` for a database that restarts: see
-    ``polydice.tune.study_storage``) and how many finished trials the study already has."""
+    ``polydice.studydb.study_storage``) and how many finished trials the study already has."""
     storage = study_storage(url, timeout_s)
     try:
         existing = optuna.load_study(study_name=name, storage=storage)

@@ -492,7 +492,7 @@ def test_a_restored_searcher_uses_the_database_this_run_opens(tmp_path, capsys):
     optuna = pytest.importorskip("optuna")
     from ray.tune.search.optuna import OptunaSearch
 
-    from polydice.tune import study_storage
+    from polydice.studydb import study_storage
 
     saved_db, moved_db = tmp_path / "there" / "study.db", tmp_path / "here" / "study.db"
     saved_db.parent.mkdir()
@@ -526,6 +526,7 @@ import ray.cloudpickle  # noqa: E402
 from ray import tune  # noqa: E402
 
 import ray_fixtures as rf  # noqa: E402
+from polydice import studydb  # noqa: E402
 from polydice import tune as ptune  # noqa: E402
 
 REPORTS = "reports.jsonl"
@@ -638,7 +639,7 @@ def no_study_database_left():
     """``study_storage`` makes its URL the database of every storage this process restores; no
     test's database may outlive this module."""
     yield
-    ptune._study_url = None
+    studydb._study_url = None
 
 
 def _faulty_trainable(base: TrainConfig, data, fault_dir: Path, fault_node: str | None = None):
@@ -804,13 +805,13 @@ def test_a_database_that_is_wrong_fails_at_once_and_one_that_is_unreachable_afte
     wrong = postgres.url.rsplit("/", 1)[0] + "/no_such_database"
     start = time.monotonic()
     with pytest.raises(Exception, match="no_such_database") as info:
-        ptune.study_storage(wrong, timeout_s=60)
-    assert time.monotonic() - start < 20 and not isinstance(info.value, ptune.StudyDatabaseError)
+        studydb.study_storage(wrong, timeout_s=60)
+    assert time.monotonic() - start < 20 and not isinstance(info.value, studydb.StudyDatabaseError)
 
     nobody = f"postgresql://polydice@127.0.0.1:{rf.free_port()}/polydice"
     start = time.monotonic()
-    with pytest.raises(ptune.StudyDatabaseError) as info:
-        ptune.study_storage(nobody, timeout_s=2)
+    with pytest.raises(studydb.StudyDatabaseError) as info:
+        studydb.study_storage(nobody, timeout_s=2)
     assert 2 <= time.monotonic() - start < 20
     assert str(info.value).startswith(f"error: the Optuna database {nobody} did not answer for 2 s (")
     assert "\n" not in str(info.value)
@@ -828,7 +829,7 @@ def _search(name: str, url: str, timeout_s: float):
     from ray.tune.search.optuna import OptunaSearch
 
     return OptunaSearch(space={"k": optuna.distributions.FloatDistribution(1.0, 3.0)}, metric="best_val_dice",
-                        mode="max", study_name=name, storage=ptune.study_storage(url, timeout_s),
+                        mode="max", study_name=name, storage=studydb.study_storage(url, timeout_s),
                         sampler=optuna.samplers.TPESampler(seed=0))
 
 
@@ -968,7 +969,7 @@ class TestOnLocalRay:
 
         tuner = ptune.restore_or_create(str(experiment), None, new_tuner, resume=False)
         thread = _stop_database_at_epoch_2(postgres, fault_dir, None, events)
-        with pytest.raises(ptune.StudyDatabaseError) as info:
+        with pytest.raises(studydb.StudyDatabaseError) as info:
             tuner.fit()
         stopped_after = time.time() - events["stopped"]
         thread.join(timeout=60)
@@ -981,7 +982,7 @@ class TestOnLocalRay:
         ptune.init_ray(num_cpus=2, log_to_driver=False)
         _pg_start(postgres)
         start = time.time()
-        ptune.study_storage(postgres.url, 60)
+        studydb.study_storage(postgres.url, 60)
         tuner = ptune.restore_or_create(str(experiment), _faulty_trainable(cfg, data, fault_dir), new_tuner,
                                         resume=True)
         results = tuner.fit()

@@ -41,8 +41,22 @@ def test_trainable_carries_the_folds_and_a_trial_does_not_split(monkeypatch, tmp
     train(cfg, data=data, out_dir=tmp_path, evaluate_test=False)
 
 
-def test_the_trial_module_does_not_import_scikit_learn():
-    code = "import sys, polydice.tune, polydice.train; print('sklearn' in sys.modules)"
+def test_the_trial_module_imports_neither_scikit_learn_nor_optuna():
+    code = ("import sys, polydice.tune, polydice.train; "
+            "print([m for m in ('sklearn', 'optuna', 'sqlalchemy') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "[]"
+
+
+def test_study_database_names_still_resolve_from_the_trial_module():
+    """Experiments saved with ``polydice.tune.StudyStorage`` in their pickles still restore."""
+    import pickle
+
+    pytest.importorskip("optuna")
+    from polydice import studydb
+
+    assert pickle.loads(b"cpolydice.tune\nStudyStorage\n.") is studydb.StudyStorage
+    from polydice.tune import DB_TIMEOUT_S, study_storage
+
+    assert study_storage is studydb.study_storage and DB_TIMEOUT_S == studydb.DB_TIMEOUT_S
