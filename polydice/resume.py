@@ -113,30 +113,27 @@ class StudySearch(OptunaSearch):
             logger.info("Optuna searcher reconciled with the study's database: %s", changes)
         return changes
 
-    def _adopt(self, trial_id: str) -> bool:
-        """Find a trial Tune reports on but this searcher does not know; False if none exists."""
+    def _searched(self, trial_id: str) -> bool:
+        """Whether a report of ``trial_id`` goes to the study: not for a trial already told, nor
+        for one that neither this searcher nor the database knows (that one is warned of once)."""
+        if trial_id in self._completed_trials:
+            return False
         if trial_id in self._ot_trials or trial_id in self._retried:
             return True
-        self.reconcile()
-        return trial_id in self._ot_trials or trial_id in self._retried
+        self.reconcile()  # a trial Tune resumed that the saved searcher did not know
+        if trial_id in self._ot_trials or trial_id in self._retried:
+            return True
+        logger.warning("Tune trial %s is not in the Optuna study; its results are not searched on", trial_id)
+        self._completed_trials.add(trial_id)
+        return False
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._completed_trials:
-            return
-        if not self._adopt(trial_id):
-            logger.warning("Tune trial %s is not in the Optuna study; its results are not searched on", trial_id)
-            self._completed_trials.add(trial_id)
-            return
-        if trial_id in self._retried:
-            return  # a finished Optuna trial takes no intermediate values
+        if not self._searched(trial_id) or trial_id in self._retried:
+            return  # (a retried trial's Optuna trial is finished: it takes no intermediate values)
         super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials:
-            return
-        if not self._adopt(trial_id):
-            logger.warning("Tune trial %s is not in the Optuna study; its result is not searched on", trial_id)
-            self._completed_trials.add(trial_id)
+        if not self._searched(trial_id):
             return
         failed = self._retried.pop(trial_id, None)
         if failed is None:

@@ -150,6 +150,26 @@ class StudyProcess:
         return left
 
 
+def run_cli_killed_in_epoch(monkeypatch, argv: list[str], epoch: int, error: type[Exception]) -> None:
+    """``polydice.train.main(argv)`` interrupted (``error`` raised) as epoch ``epoch`` starts, as a
+    killed process would stop; the training code is whole again afterwards."""
+    import pytest
+
+    import polydice.train as pt
+
+    real = pt._train_epoch
+
+    def killed(run, at, *args, **kwargs):
+        if at == epoch:
+            raise error
+        return real(run, at, *args, **kwargs)
+
+    monkeypatch.setattr(pt, "_train_epoch", killed)
+    with pytest.raises(error):
+        pt.main(argv)
+    monkeypatch.setattr(pt, "_train_epoch", real)
+
+
 @contextlib.contextmanager
 def local_ray(prefix: str, num_cpus: int, by_value: str | None = None, **init_kwargs):
     """One local Ray instance on 127.0.0.1 in a private temp dir, shut down and removed on exit.

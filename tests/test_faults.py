@@ -235,17 +235,7 @@ def test_cli_resume_falls_back_to_the_previous_checkpoint_when_the_last_is_trunc
     and ends with the numbers of a run that never stopped. With both files unusable it ends with
     one ``error:`` line naming both."""
     out = tmp_path / "run"
-    real = pt._train_epoch
-
-    def killed_in_epoch_4(run, epoch, *args, **kwargs):
-        if epoch == 4:
-            raise _Interrupted
-        return real(run, epoch, *args, **kwargs)
-
-    monkeypatch.setattr(pt, "_train_epoch", killed_in_epoch_4)
-    with pytest.raises(_Interrupted):
-        pt.main([*CLI_RUN, "--checkpoint-every", "1", "--out", str(out)])
-    monkeypatch.setattr(pt, "_train_epoch", real)
+    rf.run_cli_killed_in_epoch(monkeypatch, [*CLI_RUN, "--checkpoint-every", "1", "--out", str(out)], 4, _Interrupted)
     _truncate(out / pt.CHECKPOINT_FILE)
 
     capsys.readouterr()

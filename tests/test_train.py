@@ -24,6 +24,8 @@ from polydice.config import DATASETS, METHODS, SCALES, TrainConfig
 from polydice.data import load_dataset, make_folds
 from polydice.model import UNet, load_model_file
 
+import ray_fixtures as rf
+
 REPO = Path(__file__).resolve().parents[1]
 TEST_KEYS = ("test_dice", "test_iou", "test_precision", "test_recall", "test_nsd", "test_nll", "test_brier",
              "test_dice_hardest_quartile", "val_dice")
@@ -458,17 +460,8 @@ def test_cli_resume_of_an_interrupted_run_equals_the_uninterrupted_run(tmp_path,
     assert pt.main([*RESUME_RUN, "--out", str(whole)]) == 0
     assert (whole / "checkpoint.pt").exists() and (whole / "model.pt").exists()
 
-    real = pt._train_epoch
-
-    def killed_in_epoch_4(run, epoch, *args, **kwargs):
-        if epoch == 4:
-            raise _Interrupted
-        return real(run, epoch, *args, **kwargs)
-
-    monkeypatch.setattr(pt, "_train_epoch", killed_in_epoch_4)
-    with pytest.raises(_Interrupted):
-        pt.main([*RESUME_RUN, "--checkpoint-every", "1", "--out", str(broken)])
-    monkeypatch.setattr(pt, "_train_epoch", real)
+    rf.run_cli_killed_in_epoch(monkeypatch, [*RESUME_RUN, "--checkpoint-every", "1", "--out", str(broken)], 4,
+                               _Interrupted)
     checkpoint = torch.load(broken / "checkpoint.pt", weights_only=True)
     assert checkpoint["run"]["epoch"] == 3 and not (broken / "model.pt").exists()
     assert not list(broken.glob("*.tmp"))
