@@ -242,13 +242,20 @@ SMOKE_ARGS = ["--smoke", "--epochs", "3", "--image-size", "32", "--base-channels
 STUDY_TIMEOUT = 240
 
 
-def _optuna_counts(db: Path, study: str) -> dict:
+def _optuna_counts(db: Path, study: str, live: bool = True) -> dict:
+    """Trials per state. ``live``: the study is running; read only, and {} while it holds the
+    file. Otherwise a writing connection, which rolls back what a killed driver left half written
+    (a read-only one cannot, and fails)."""
     if not db.exists():
         return {}
+    query = ("SELECT t.state, COUNT(*) FROM trials t JOIN studies s ON t.study_id = s.study_id "
+             "WHERE s.study_name = ? GROUP BY t.state")
+    if not live:
+        with sqlite3.connect(db, timeout=30) as con:
+            return dict(con.execute(query, (study,)).fetchall())
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
-            rows = con.execute("SELECT t.state, COUNT(*) FROM trials t JOIN studies s ON t.study_id = s.study_id "
-                               "WHERE s.study_name = ? GROUP BY t.state", (study,)).fetchall()
+            rows = con.execute(query, (study,)).fetchall()
     except sqlite3.Error:
         return {}
     return dict(rows)
@@ -306,7 +313,7 @@ def test_study_on_s3_killed_resumed_and_reported(s3, tmp_path):
         out1 = (tmp_path / "first.log").read_text(errors="replace")
         # Where the Optuna studies stay is said before any training.
         assert f"optuna: SQLite file {db}" in out1 and out1.index("optuna: SQLite file") < out1.index("search: fold 0")
-        done = _optuna_counts(db, "adaptive-fold0").get("COMPLETE", 0)
+        done = _optuna_counts(db, "adaptive-fold0", live=False).get("COMPLETE", 0)
         # Three trials, so that one is left to run even when a second one ended while the state was synced.
         assert done in (1, 2), f"{done} trials finished before the kill\n{out1[-4000:]}"
         assert "prefix/adaptive-fold0/tuner.pkl" in _keys(s3, bucket)
@@ -314,7 +321,7 @@ def test_study_on_s3_killed_resumed_and_reported(s3, tmp_path):
         rc, out = _run([*args, "--resume"], env, tmp_path / "resume.log", work, STUDY_TIMEOUT)
         assert rc == 0, out[-8000:]
         assert f"continuing study 'adaptive-fold0' with {done} finished trials" in out, out[-8000:]
-        counts = _optuna_counts(db, "adaptive-fold0")
+        counts = _optuna_counts(db, "adaptive-fold0", live=False)
         assert counts.get("COMPLETE") == 3 and counts.get("RUNNING", 0) == 0, counts
         keys = _keys(s3, bucket, "prefix/")
         for key in ("adaptive-report/table.md", "adaptive-report/table.csv", "adaptive-report/best_config.json",
@@ -331,7 +338,7 @@ def test_study_on_s3_killed_resumed_and_reported(s3, tmp_path):
         # The uploaded database copy holds the finished study.
         copy = tmp_path / "copy.db"
         copy.write_bytes(_get(s3, bucket, "prefix/adaptive-optuna.db"))
-        assert _optuna_counts(copy, "adaptive-fold0").get("COMPLETE") == counts["COMPLETE"]
+        assert _optuna_counts(copy, "adaptive-fold0", live=False).get("COMPLETE") == counts["COMPLETE"]
 
         # The report from S3 to S3, endpoint and credentials in the URIs, no endpoint variable.
         report_env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
