@@ -67,7 +67,8 @@ class EpsilonController:
             raise ValueError(f"eps_min ({eps_min}) must not exceed eps_max ({eps_max})")
         self.e0, self.tau, self.q, self.k = int(e0), int(tau), float(q), float(k)
         self.eps_min, self.eps_max, self.delta = float(eps_min), float(eps_max), float(delta)
-        self.indices = torch.from_numpy(indices)
+        # A copy: the folds of a Tune trial come read-only from Ray's object store.
+        self.indices = torch.tensor(indices)
         size = int(indices.max()) + 1 if len(indices) else 0
         # Dense lookup: dataset index -> row of the table (-1 for images that are not training images).
         self._row = torch.full((size,), -1, dtype=torch.long)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -103,6 +104,18 @@ def test_epsilon_for_looks_up_by_dataset_index_in_any_order():
     np.testing.assert_allclose(ctrl.epsilon_for(torch.tensor(query)).numpy(), [table[i] for i in query], rtol=1e-6)
     np.testing.assert_allclose(ctrl.epsilon_for(np.array(query)).numpy(), [table[i] for i in query], rtol=1e-6)
     assert ctrl.epsilon_for(torch.tensor([], dtype=torch.long)).shape == (0,)
+
+
+def test_read_only_indices_are_copied_without_a_warning():
+    """A Tune trial's folds arrive read-only from Ray's object store; torch warns on a tensor
+    sharing a read-only array, once per process, in every trial's log."""
+    indices = np.array(INDICES)
+    indices.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ctrl = EpsilonController(indices)
+    ctrl.indices[0] = -1  # the controller's own copy
+    assert indices[0] == INDICES[0]
 
 
 def test_hardest_image_gets_largest_eps():
