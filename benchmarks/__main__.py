@@ -167,6 +167,9 @@ def run_ray_cases(args, settings: Settings, cfg: TrainConfig, data: Segmentation
     if own_tmp:
         os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="pdbench", dir="/tmp")
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # with verbose=0, no experiment tables between the results
+    # Trials this short checkpoint every few seconds; Tune's advice on snapshot frequency would
+    # print after each checkpoint (the studies silence it the same way).
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     storage = tempfile.mkdtemp(prefix="polydice-bench-")
     try:
         init_ray(None, num_cpus=max(args.threads, MEMORY_TRIALS))

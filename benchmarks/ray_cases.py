@@ -128,6 +128,8 @@ def tune_whole_vs_direct(cfg: TrainConfig, data: SegmentationData, hw: _Hardware
     names = itertools.count()
     times: dict[str, list[float]] = {"tune": [], "direct": []}
     actors: list[int] = []
+    outside: list[float] = []  # seconds of a fit() outside its trials' own training time
+    first_extra: list[float] = []  # the first trial's time beyond the median of the others
 
     def under_tune():
         start = time.perf_counter()
@@ -135,6 +137,11 @@ def tune_whole_vs_direct(cfg: TrainConfig, data: SegmentationData, hw: _Hardware
                     reuse_actors=True)
         times["tune"].append(time.perf_counter() - start)
         actors.append(len({r.metrics.get("pid") for r in grid}))
+        # time_total_s: the trial's own clock, from the trainable's start to its last report.
+        trial_s = sorted((r.metrics["trial_id"], float(r.metrics["time_total_s"])) for r in grid)
+        outside.append(times["tune"][-1] - sum(s for _, s in trial_s))
+        if len(trial_s) > 1:
+            first_extra.append(trial_s[0][1] - statistics.median(s for _, s in trial_s[1:]))
 
     def direct():
         torch.set_num_threads(threads)
@@ -155,6 +162,11 @@ def tune_whole_vs_direct(cfg: TrainConfig, data: SegmentationData, hw: _Hardware
         f"whole runs (Ray already started); {threads} CPU(s) per trial; trial actors used per repeat: {actors}",
         rate_line(f"{trials} Tune trials", times["tune"], trials * images, trials * flops),
         rate_line(f"{trials} train() calls", times["direct"], trials * images, trials * flops),
+        f"  where the Tune side's extra time goes (medians): {statistics.median(outside):.2f} s of each fit() lie "
+        "outside the trials (the trial actor's process start and imports, Tune's set-up and wind-down), and "
+        f"the first trial on the new actor takes {statistics.median(first_extra) if first_extra else 0.0:.2f} s "
+        "longer than the others (its process's first optimizer step imports torch._dynamo, first epoch on "
+        "cold caches); both are paid once per actor, not per trial",
     ])
 
 
