@@ -30,15 +30,7 @@ from polydice.losses import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on shared cores OpenMP spin-waiting
-    makes them many times slower; restored after the module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 RTOL = 1e-5
 PI = math.pi

@@ -15,15 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from polydice.model import DROPOUT_SITES, UNet, forward_flops, mc_dropout_mode, refresh_flops, to_input
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on shared cores OpenMP spin-waiting
-    makes them many times slower; restored after the module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 ENCODER = ("inc", "down1", "down2", "down3", "down4")
 DECODER = ("up1", "up2", "up3", "up4", "outc")
