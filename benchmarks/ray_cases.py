@@ -45,6 +45,16 @@ def _fit(trainable, storage: str, name: str, param_space: dict | None = None, co
     return grid
 
 
+def _interleave_tune_direct(under_tune, direct, repeats: int, hw: _Hardware) -> None:
+    """Both sides back to back, ``repeats`` times, without a warm-up call (the Tune side's start-up
+    is part of what is measured); the direct side sets the trial's thread count, restored after."""
+    outer_threads = torch.get_num_threads()
+    try:
+        interleaved({"tune": under_tune, "direct": direct}, repeats, hw.device, warmup=False)
+    finally:
+        torch.set_num_threads(outer_threads)
+
+
 def _run_flops(cfg: TrainConfig, data: SegmentationData) -> tuple[int, float]:
     """Training images seen and FLOPs of one ``train()`` run: 3x forward per training image,
     1x per validation image, :func:`refresh_flops` per training image at each ε refresh."""
@@ -91,11 +101,7 @@ def tune_vs_direct(cfg: TrainConfig, data: SegmentationData, hw: _Hardware, thre
         whole["direct"].append(time.perf_counter() - start)
         windows["direct"].append(stamps[-1] - stamps[0])
 
-    outer_threads = torch.get_num_threads()
-    try:
-        interleaved({"tune": under_tune, "direct": direct}, repeats, hw.device, warmup=False)
-    finally:
-        torch.set_num_threads(outer_threads)
+    _interleave_tune_direct(under_tune, direct, repeats, hw)
     images, flops = _run_flops(cfg, data)
     per_epoch = (cfg.epochs - 1) / cfg.epochs
     startup = statistics.median(w - s for w, s in zip(whole["tune"], windows["tune"]))
@@ -151,11 +157,7 @@ def tune_whole_vs_direct(cfg: TrainConfig, data: SegmentationData, hw: _Hardware
                 train(cfg.replace(seed=seed), lambda metrics, state: None, data=data, out_dir=out, evaluate_test=False)
         times["direct"].append(time.perf_counter() - start)
 
-    outer_threads = torch.get_num_threads()
-    try:
-        interleaved({"tune": under_tune, "direct": direct}, repeats, hw.device, warmup=False)
-    finally:
-        torch.set_num_threads(outer_threads)
+    _interleave_tune_direct(under_tune, direct, repeats, hw)
     images, flops = _run_flops(cfg, data)
     return CaseResult("tune_whole_vs_direct", median_ratio(times["tune"], times["direct"]), 1.15, [
         f"tune_whole_vs_direct: {trials} trials of {cfg.epochs} epochs on {len(data)} images one after another, "
