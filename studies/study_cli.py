@@ -83,6 +83,11 @@ def base_config(args: argparse.Namespace, **extra) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
+def controller_params(config: dict) -> str:
+    """The adaptive controller's parameters in a config, to 3 significant digits: ``k=2.45, q=55.1, ...``."""
+    return ", ".join(f"{k}={config[k]:.3g}" for k in ("k", "q", "e0", "tau", "eps_min", "eps_max") if k in config)
+
+
 def progress(args: argparse.Namespace, total: int | None = None) -> dict:
     """``run_config`` settings for the study's console output: Tune's tables with ``--verbose``,
     else one line per finished trial."""
@@ -105,8 +110,7 @@ def progress(args: argparse.Namespace, total: int | None = None) -> dict:
         def _line(self, trials, trial, status):
             done = 1 + sum(1 for t in trials if t is not trial and t.is_finished())
             config, result = trial.config, trial.last_result or {}
-            what = config.get("overrides", {}).get("tag") or ", ".join(
-                f"{k}={config[k]:.3g}" for k in ("k", "q", "e0", "tau", "eps_min", "eps_max") if k in config)
+            what = config.get("overrides", {}).get("tag") or controller_params(config)
             fold = config.get("fold", config.get("overrides", {}).get("fold", "?"))
             score = ""
             val = result.get("best_val_dice", result.get("val_dice"))

@@ -179,7 +179,7 @@ def search_fold(args, fold: int, base, trainable, optuna_url: str, num_samples: 
         return None
     ranked = sorted(complete, key=lambda t: t.value, reverse=True)[: max(1, args.final_top)]
     print(f"search: fold {fold}: {len(complete)} finished trials, best validation Dice {ranked[0].value:.4f} "
-          f"with {ranked[0].params}")
+          f"with {study_cli.controller_params(ranked[0].params)} (full values in best_config.json)")
     return {
         "study_name": name,
         "value": ranked[0].value,

@@ -38,6 +38,13 @@ def test_trial_folders_are_named_by_method_and_fold(config, expected):
     assert study_cli.trial_dirname(_trial(config)) == expected
 
 
+def test_controller_params_are_printed_to_three_significant_digits():
+    config = {"k": 2.450168594529694, "q": 55.063255646069365, "e0": 2, "tau": 2, "eps_min": -0.045807120396657186,
+              "eps_max": 0.6177922870166661, "fold": 0, "epochs": 3}
+    assert study_cli.controller_params(config) == "k=2.45, q=55.1, e0=2, tau=2, eps_min=-0.0458, eps_max=0.618"
+    assert study_cli.controller_params({"method": "dice"}) == ""
+
+
 @pytest.mark.parametrize("url,expected", [
     ("postgresql://optuna:s3cret@db.internal:5432/studies", "postgresql://optuna:***@db.internal:5432/studies"),
     ("postgresql+psycopg://u:p%40ss@127.0.0.1/x", "postgresql+psycopg://u:***@127.0.0.1/x"),
