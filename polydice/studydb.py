@@ -11,7 +11,7 @@ import inspect
 import sys
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import optuna
 import sqlalchemy

@@ -90,12 +90,11 @@ def controller_params(config: dict) -> str:
 
 def progress(args: argparse.Namespace, total: int | None = None) -> dict:
     """``run_config`` settings for the study's console output: Tune's tables with ``--verbose``,
-    else one line per finished trial."""
+    else one line per finished trial (the quiet console itself is :func:`quiet_console`, which every
+    study calls at its start)."""
     if args.verbose:
         return {"verbose": 1}
     from ray import tune
-
-    quiet_console(args)
 
     class TrialLines(tune.Callback):
         """One line per finished trial, numbered among the experiment's finished trials (so a
@@ -188,10 +187,11 @@ def start_ray(args: argparse.Namespace) -> str:
     local_gpus = args.num_gpus if not (args.address or os.environ.get("RAY_ADDRESS")) else None
     mode = init_ray(args.address, num_cpus=args.num_cpus, num_gpus=local_gpus, dashboard=args.dashboard,
                     log_to_driver=args.verbose)
+    found = detect_gpus(mode)
     if args.num_gpus is None:
-        args.num_gpus = detect_gpus(mode)
-    elif mode == "local" and args.num_gpus > detect_gpus(mode):
-        print(f"note: --num-gpus {args.num_gpus:g} on a machine with {detect_gpus(mode):g} CUDA devices: Ray schedules "
+        args.num_gpus = found
+    elif mode == "local" and args.num_gpus > found:
+        print(f"note: --num-gpus {args.num_gpus:g} on a machine with {found:g} CUDA devices: Ray schedules "
               "the trials as on a GPU node, and a trial without a device trains on the CPU", flush=True)
     return mode
 
