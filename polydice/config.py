@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 
-METHODS = ("adaptive", "polydice", "dice", "focal", "ce_dice", "pm_dice", "dsc_pp")
+METHODS = ("adaptive", "polydice", "dice", "focal", "ce_dice", "pm_dice", "dsc_pp", "dice_linear")
 DATASETS = ("synthetic", "kvasir", "cvc")
 # The two readings of PolyDice's scale s (polydice.losses.scale_and_angle).
 SCALES = ("norm", "inner")
@@ -60,7 +60,7 @@ class TrainConfig:
                                          "printed s (an ablation)", choices=SCALES)
     focal_gamma: float = _field(2.0, "γ of the focal loss")
     pm_gamma: float = _field(1.0, "γ of PM Dice")
-    dscpp_gamma: float = _field(2.0, "γ of DSC++")
+    dscpp_gamma: float = _field(2.0, "γ of DSC++ (2 is the dice method on binary masks, 1 is dice_linear)")
     pm_include_background: bool = _field(True, "PM Dice averages background and foreground (its Eq. 5); "
                                                "off: foreground only")
 
@@ -172,6 +172,13 @@ class TrainConfig:
     @property
     def uses_controller(self) -> bool:
         return self.method == "adaptive"
+
+
+# The per-fold Dice-loss replicate whose per-image test Dice selects the thesis's "cases difficult for
+# conventional methods" (studies/grid_baselines.py trains it, studies/report.py reads it). It trains
+# with a seed no compared run uses, so its own noise picks the set and no compared run judges it.
+SELECTION_TAG = "dice-select"
+SELECTION_SEED_OFFSET = 10_000  # its seed: the study's --seed plus this; compared runs use --seed + 0 … N−1
 
 
 def run_label(config: dict) -> str:

@@ -1,4 +1,4 @@
-"""Per-image segmentation losses: PolyDice-K, Dice, Focal, CE + Dice, PM Dice and DSC++.
+"""Per-image segmentation losses: PolyDice-K, Dice (squared and linear), Focal, CE + Dice, PM Dice, DSC++.
 
 Every loss reduces over the pixels of each image and returns one value per image, shape ``(B,)``:
 the adaptive method gives every image its own PolyDice shape parameter ε, so the batch must never
@@ -170,6 +170,26 @@ def dice_loss(probs: Tensor, target: Tensor, smooth: float = SMOOTH) -> Tensor:
     return 1.0 - (2.0 * (p * y).sum(1) + smooth) / ((p * p).sum(1) + (y * y).sum(1) + smooth)
 
 
+def dice_linear_loss(probs: Tensor, target: Tensor, smooth: float = SMOOTH) -> Tensor:
+    """Soft Dice loss per image with a linear denominator (the DSC++ paper's contrast, its γ = 1).
+
+    ``L = 1 − (2Σ p·y + smooth) / (Σ p + Σ y + smooth)``: the smoothing of :func:`dice_loss`, so an
+    empty mask predicted empty scores 0, an empty mask with a non-empty prediction (or an all-zero
+    prediction of a non-empty mask) scores ≈ 1, and the denominator never falls below ``smooth``.
+    On binary masks it differs from Eq. 1 only in the prediction's term, Σ p instead of Σ p².
+
+    Args:
+        probs: ``(B, H, W)`` or ``(B, 1, H, W)``.
+        target: same shape.
+        smooth: added to numerator and denominator.
+
+    Returns:
+        ``(B,)``.
+    """
+    p, y = _flatten_pair(probs, target)
+    return 1.0 - (2.0 * (p * y).sum(1) + smooth) / (p.sum(1) + y.sum(1) + smooth)
+
+
 def pm_dice_loss(
     probs: Tensor, target: Tensor, gamma: float = 1.0, smooth: float = SMOOTH, include_background: bool = True
 ) -> Tensor:
@@ -200,7 +220,19 @@ def dsc_pp_loss(probs: Tensor, target: Tensor, gamma: float = 2.0, smooth: float
     """DSC++ loss per image (DSC++ paper, Eq. 9).
 
     ``L = 1 − (2TP + smooth) / (2TP + Σ(p(1 − y))^γ + Σ((1 − p)y)^γ + smooth)`` with the soft
-    ``TP = Σ p·y``; γ = 1 is the soft Dice with a linear denominator.
+    ``TP = Σ p·y``.
+
+    γ = 2 is algebraically the Dice loss of Eq. 1 (:func:`dice_loss`, same smoothing) on binary
+    masks: for y ∈ {0, 1}, ``2TP + Σ(p(1 − y))² + Σ((1 − p)y)² = Σ p² + Σ y²``, so it is available
+    but is not a separate baseline. On soft targets the two differ. γ = 1 is the soft Dice with a
+    linear denominator, ``2TP + Σ p(1 − y) + Σ (1 − p)y = Σ p + Σ y`` for any target
+    (:func:`dice_linear_loss`), the DSC++ paper's contrast.
+
+    Args:
+        probs: ``(B, H, W)`` or ``(B, 1, H, W)``.
+        target: same shape.
+        gamma: exponent γ of the false-positive and false-negative terms.
+        smooth: added to numerator and denominator.
 
     Returns:
         ``(B,)``.
@@ -421,7 +453,24 @@ class PMDiceLoss(SegmentationLoss):
         return pm_dice_loss(foreground_probs(logits), target, self.gamma, self.smooth, self.include_background)
 
 
+class DiceLinearLoss(SegmentationLoss):
+    """:func:`dice_linear_loss` of the softmax foreground, ``(B, 2, H, W) -> (B,)``; DSC++ with γ = 1."""
+
+    def __init__(self, smooth: float = SMOOTH):
+        super().__init__()
+        self.smooth = smooth
+
+    def forward(self, logits, target, eps=None):
+        return dice_linear_loss(foreground_probs(logits), target, self.smooth)
+
+
 class DSCPlusPlusLoss(SegmentationLoss):
+    """:func:`dsc_pp_loss` of the softmax foreground, ``(B, 2, H, W) -> (B,)``.
+
+    With the default γ = 2 it is :class:`DiceLoss` on binary masks (2TP + Σ(p(1 − y))² +
+    Σ((1 − p)y)² = Σ p² + Σ y² for y ∈ {0, 1}); γ = 1 is :class:`DiceLinearLoss`.
+    """
+
     def __init__(self, gamma: float = 2.0, smooth: float = SMOOTH):
         super().__init__()
         self.gamma, self.smooth = gamma, smooth
@@ -438,6 +487,7 @@ LOSSES: dict[str, Callable[..., SegmentationLoss]] = {
     "ce_dice": CEDiceLoss,
     "pm_dice": PMDiceLoss,
     "dsc_pp": DSCPlusPlusLoss,
+    "dice_linear": DiceLinearLoss,
 }
 
 

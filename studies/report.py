@@ -1,5 +1,6 @@
-"""The final table of a study: test metrics per method, paired tests, the fixed-ε oracle, the
-hardest images, the best configuration per fold, plots.
+"""The final table of a study: test metrics per method, paired tests that include training
+randomness, the fixed-ε oracle and its validation-tuned counterpart, the hardest images, the best
+configuration per fold, plots.
 
     python studies/report.py --results results/adaptive-final results/baselines --out results/report
     python studies/report.py --results results/adaptive-final --out results/report \\
@@ -10,19 +11,20 @@ hardest images, the best configuration per fold, plots.
 Input: every run folder under the ``--results`` folders that holds a ``summary.json`` with test
 metrics (``python -m polydice.train --out DIR`` or Ray Tune trial folders, at any depth). Search
 trials have no test metrics and are skipped. A run's label is its ``tag``, else its method
-(``polydice-eps+0.2`` for a fixed ε).
+(``polydice-eps+0.2`` for a fixed ε); every replicate (dataset, label, fold, seed) is kept.
 
-Honesty (DESIGN.md, "Study protocol"): the paired tests pair the same test images, per video
-sequence where a dataset has them (CVC-ClinicDB) and per image otherwise, Holm-corrected across the
-methods compared; the hardest images are one set for all methods, among them the images the
-Dice-loss baseline scores lowest on; the best fixed ε is picked on test Dice, so its row is marked
-as an oracle, not a method. Nothing here reads a pickle.
+Honesty (the study protocol of the README): the paired tests pair runs of the same fold and seed
+and compare them over the same test units (video sequences where a dataset has them), so training
+randomness is part of every p-value that a ``*_p_holm`` column holds (studies/comparison.py);
+the hard images are chosen by an independent Dice-loss replicate (``dice-select``) that is never a
+row; the best fixed ε is picked once on validation Dice (``polydice-eps-val``, a method) and once on
+test Dice (the oracle, labelled as such); runs whose splits differ are never paired. Nothing here
+reads a pickle.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import numbers
@@ -33,10 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 import study_cli  # noqa: F401  (puts the checkout on sys.path, for a run without installing)
-from polydice.config import run_label
+from comparison import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, DICE_LOSS_LABEL, HARD, HARDEST_FRACTION, SOURCE_OWN,
+                        SOURCE_SELECT, ReportWarning, common_hardest, hard_set, paired_tests, selection_seed_clashes)
+from polydice.config import SELECTION_TAG, run_label
 
 METRICS = ("dice", "iou", "precision", "recall", "nsd", "nll", "brier", "dice_hardest_quartile")
 HEADERS = {
@@ -44,18 +47,14 @@ HEADERS = {
     "nll": "NLL", "brier": "Brier", "dice_hardest_quartile": "Hardest 25 % Dice (own)¹",
 }
 ZERO_EPS_LABEL = "polydice-eps+0.0"
-DICE_LOSS_LABEL = "dice"  # the Dice-loss baseline whose hardest images are the thesis's "difficult cases"
-HARDEST_FRACTION = 0.25  # the same count rule as polydice.metrics.hardest_quartile_mean
+EPS_VAL_LABEL = "polydice-eps-val"  # per fold, the fixed ε with the best mean validation Dice
 # studies/tune_adaptive.py --search-fold F: adaptive-tuned-fold<F>, with -<rank> and -inner suffixes
 SINGLE_FOLD_LABEL = re.compile(r"^adaptive-tuned-fold(\d+)(?:-|$)")
-CONFIDENCE, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 0.95, 9999, 0
-# scipy >= 1.15 names the generator ``rng``; older versions ``random_state``.
-_BOOTSTRAP_RNG = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
+FIXED_EPS_LABEL = re.compile(r"^polydice-eps[+-]\d\.\d$")  # the grid's fixed-ε runs (not -inner, not -val)
 PM_BOTH, PM_FOREGROUND = "background+foreground", "foreground"
-
-
-class ReportWarning(UserWarning):
-    """Something about the input the reader of the table should know (listed in table.md)."""
+# The split every paired run must share, and settings that should (a warning when they differ).
+SPLIT_FIELDS = ("folds", "split_seed", "n_images")
+SETTING_FIELDS = ("image_size", "epochs")
 
 
 def single_fold_of(label: str) -> int | None:
@@ -93,18 +92,20 @@ def _run_dirs(results_dir: Path):
 
 
 def collect_runs(results_dirs: list[Path]) -> pd.DataFrame:
-    """One row per (dataset, label, fold) of the tested runs below ``results_dirs``.
+    """One row per (dataset, label, fold, seed) of the tested runs below ``results_dirs``.
 
     Args:
         results_dirs: folders of runs or of Tune experiments (trials at any depth).
 
     Returns:
-        Columns ``dataset, label, method, eps, fold, folds, split_seed, seed``, ``test_<metric>`` for
-        every metric of ``METRICS``, ``val_dice, best_epoch, n_test, run_dir, mtime``, and for PM Dice
-        runs ``pm_variant`` (``PM_BOTH`` or ``PM_FOREGROUND``) and ``pm_field_missing`` (the config
-        predates ``pm_include_background``: such runs were trained foreground-only). Where a
-        (dataset, label, fold) appears more than once the newest ``summary.json`` (mtime) is kept,
-        with a warning. A ``summary.json`` that is unreadable, or whose metrics, ε or fold are not
+        Columns ``dataset, label, method, eps, fold, folds, split_seed, seed`` (a config without a
+        seed has TrainConfig's default, 0), ``test_<metric>`` for every metric of ``METRICS``,
+        ``val_dice, best_epoch, n_train, n_val, n_test, n_images, image_size, epochs, run_dir,
+        mtime``, and for PM Dice runs ``pm_variant`` (``PM_BOTH`` or ``PM_FOREGROUND``) and
+        ``pm_field_missing`` (the config predates ``pm_include_background``: such runs were trained
+        foreground-only). A field a summary lacks is NaN (never a difference). Where a (dataset,
+        label, fold, seed) appears more than once the newest ``summary.json`` (mtime) is kept, with
+        a warning. A ``summary.json`` that is unreadable, or whose metrics, ε or fold are not
         numbers (another version's, or edited by hand), is skipped with a warning naming it.
 
     Raises:
@@ -136,12 +137,13 @@ def collect_runs(results_dirs: list[Path]) -> pd.DataFrame:
         raise ValueError(f"no usable tested run under {', '.join(map(str, results_dirs))}: {skipped[0]}"
                          + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""))
     runs = pd.DataFrame(rows).sort_values("mtime", kind="stable")
-    key = ["dataset", "label", "fold"]
+    key = ["dataset", "label", "fold", "seed"]
     dup = runs.duplicated(key, keep="last")
     for _, old in runs[dup].iterrows():
         kept = runs[~dup].set_index(key).loc[tuple(old[key]), "run_dir"]
         warnings.warn(
-            f"{old['label']} fold {old['fold']} ({old['dataset']}) appears more than once: keeping the newest "
+            f"{old['label']} fold {old['fold']} seed {old['seed']} ({old['dataset']}) appears more than once: "
+            f"keeping the newest "
             f"{kept}, ignoring {old['run_dir']}",
             ReportWarning,
             stacklevel=2,
@@ -173,6 +175,9 @@ def _run_row(summary: dict, run_dir: Path) -> dict:
         raise ValueError(f"config.fold is {cfg.get('fold')!r}, not a fold number")
     fixed_eps = cfg.get("method") == "polydice"
     eps = _number(cfg.get("eps", 0.0), "config.eps") if fixed_eps else math.nan
+    seed = _number(cfg.get("seed", 0), "config.seed")
+    if not float(seed).is_integer():
+        raise ValueError(f"config.seed is {cfg.get('seed')!r}, not a seed")
     row = {
         "dataset": str(cfg.get("dataset", "unknown")),
         "label": run_label({**cfg, "eps": eps} if fixed_eps else cfg),
@@ -181,7 +186,9 @@ def _run_row(summary: dict, run_dir: Path) -> dict:
         "fold": int(fold),
         "folds": cfg.get("folds"),
         "split_seed": cfg.get("split_seed"),
-        "seed": cfg.get("seed"),
+        "seed": int(seed),
+        "image_size": cfg.get("image_size"),
+        "epochs": cfg.get("epochs"),
         "pm_variant": None,
         "pm_field_missing": False,
     }
@@ -191,8 +198,9 @@ def _run_row(summary: dict, run_dir: Path) -> dict:
         row["pm_variant"] = PM_BOTH if cfg.get("pm_include_background", False) else PM_FOREGROUND
     for key in METRICS:
         row[f"test_{key}"] = _number(summary.get(f"test_{key}"), f"test_{key}")
-    row.update(val_dice=summary.get("val_dice"), best_epoch=summary.get("best_epoch"),
-               n_test=summary.get("n_test"), run_dir=str(run_dir),
+    sizes = {k: _number(summary.get(k), k) for k in ("n_train", "n_val", "n_test")}
+    row.update(val_dice=_number(summary.get("val_dice"), "val_dice"), best_epoch=summary.get("best_epoch"),
+               **sizes, n_images=sum(sizes.values()), run_dir=str(run_dir),
                mtime=(run_dir / "summary.json").stat().st_mtime)
     return row
 
@@ -221,16 +229,17 @@ def _read_table(path: Path, columns: list[str], owner: str) -> pd.DataFrame | No
     return frame
 
 
-PER_IMAGE_COLUMNS = ["dataset", "label", "fold", "index", "group", "dice", "difficulty"]
+PER_IMAGE_COLUMNS = ["dataset", "label", "fold", "seed", "index", "group", "dice", "difficulty"]
 
 
 def load_per_image(runs: pd.DataFrame) -> pd.DataFrame:
-    """The ``per_image.csv`` of every run: ``dataset, label, fold, index, group, dice, difficulty``.
+    """The ``per_image.csv`` of every run: ``dataset, label, fold, seed, index, group, dice, difficulty``.
 
     ``group`` is the video sequence on CVC-ClinicDB and the image itself elsewhere. An older
     ``per_image.csv`` without it takes each image's group from another run that tested the image;
     a dataset with an image that no run gives a group is paired per image, with a warning.
-    A label whose folds test the same image twice (runs with different splits) keeps the first.
+    A replicate (label, seed) whose folds test the same image twice keeps the first (the split
+    check of :func:`check_splits` refuses such runs before they are paired).
     A ``per_image.csv`` that is unreadable, lacks ``index``, ``dice`` or ``difficulty`` or holds
     non-numeric values there is left out with a warning naming it.
     """
@@ -248,11 +257,11 @@ def load_per_image(runs: pd.DataFrame) -> pd.DataFrame:
             without_group.add((run.dataset, run.label))
             frame["group"] = math.nan
         frames.append(frame[["index", "group", "dice", "difficulty"]].assign(
-            dataset=run.dataset, label=run.label, fold=run.fold))
+            dataset=run.dataset, label=run.label, fold=run.fold, seed=run.seed))
     if not frames:
         return pd.DataFrame(columns=PER_IMAGE_COLUMNS)
     per_image = pd.concat(frames, ignore_index=True)[PER_IMAGE_COLUMNS]
-    dup = per_image.duplicated(["dataset", "label", "index"])
+    dup = per_image.duplicated(["dataset", "label", "seed", "index"])
     if dup.any():
         labels = sorted(per_image.loc[dup, "label"].unique())
         warnings.warn(f"images tested in more than one fold of {labels} (different splits?); "
@@ -302,72 +311,6 @@ def _count(n: int, unit: str) -> str:
     return f"{n} {unit}{'' if n == 1 else 's'}"
 
 
-def paired_wilcoxon(values: np.ndarray, reference: np.ndarray) -> tuple[float, float, int]:
-    """Two-sided Wilcoxon signed-rank test of paired values (one pair per independent unit).
-
-    Returns:
-        ``(p, mean difference values − reference, n pairs)``; p = 1 when every difference is 0 and
-        NaN without pairs.
-    """
-    values, reference = np.asarray(values, float), np.asarray(reference, float)
-    diff = values - reference
-    if len(diff) == 0:
-        return math.nan, math.nan, 0
-    if np.all(diff == 0):
-        return 1.0, 0.0, len(diff)
-    return float(stats.wilcoxon(values, reference).pvalue), float(diff.mean()), len(diff)
-
-
-def bootstrap_ci(diff: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """BCa bootstrap confidence interval of the mean of paired differences (one per unit).
-
-    Resamples the units with ``BOOTSTRAP_RESAMPLES`` draws from a generator seeded with
-    ``BOOTSTRAP_SEED``, so the same differences always give the same interval.
-
-    Returns:
-        ``(low, high)``; NaN below 2 units; ``(d, d)`` when every difference equals d (no spread to
-        resample); NaN where BCa is undefined for the data.
-    """
-    diff = np.asarray(diff, float)
-    if len(diff) < 2:
-        return math.nan, math.nan
-    if np.all(diff == diff[0]):
-        return float(diff[0]), float(diff[0])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # scipy's degenerate-data warning: the NaN below says it
-        ci = stats.bootstrap((diff,), np.mean, n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=confidence,
-                             method="BCa", **{_BOOTSTRAP_RNG: np.random.default_rng(BOOTSTRAP_SEED)}).confidence_interval
-    low, high = float(ci.low), float(ci.high)
-    return (low, high) if math.isfinite(low) and math.isfinite(high) else (math.nan, math.nan)
-
-
-def holm(pvalues) -> np.ndarray:
-    """Holm's step-down adjustment of a family of p-values (family-wise error control).
-
-    The i-th smallest of the m p-values becomes ``max_{j <= i} min(1, (m − j + 1) p_(j))``. NaN
-    entries (no test) are not members of the family and stay NaN.
-
-    Shape: ``(m,)`` → ``(m,)``, in the input order.
-    """
-    p = np.asarray(pvalues, float)
-    adjusted = np.full(p.shape, math.nan)
-    tested = np.flatnonzero(~np.isnan(p))
-    m = len(tested)
-    order = tested[np.argsort(p[tested], kind="stable")]
-    adjusted[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
-    return adjusted
-
-
-def fold_ttest(values: np.ndarray, reference: np.ndarray) -> float:
-    """Paired t-test p of per-fold means (NaN below 3 folds; 1 when every difference is 0)."""
-    values, reference = np.asarray(values, float), np.asarray(reference, float)
-    if len(values) < 3:
-        return math.nan
-    if np.all(values == reference):
-        return 1.0
-    return float(stats.ttest_rel(values, reference).pvalue)
-
-
 def choose_reference(labels, reference: str | None = None) -> str | None:
     """``reference`` if given, else ``adaptive-tuned`` (nested search), else the shortest label
     starting with ``adaptive-tuned`` (``adaptive-tuned-fold2`` of a single-fold search rather than
@@ -392,14 +335,71 @@ def choose_reference(labels, reference: str | None = None) -> str | None:
     return next((name for name in labels if name.startswith("adaptive")), None)
 
 
-def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean and sample std (ddof = 1) over folds of every test metric, per (dataset, label).
+def check_splits(runs: pd.DataFrame) -> None:
+    """Refuse to pair runs whose splits differ; warn when other settings differ.
+
+    Within a dataset every run must share ``SPLIT_FIELDS`` (the number of folds, the split seed,
+    the set size ``n_train + n_val + n_test``) and, per fold, ``n_test``: the paired tests match
+    runs by fold number and image index, which mean the same images only under one split. A field
+    that a summary lacks is not a difference. ``SETTING_FIELDS`` (image size, epochs) that differ
+    are a warning: such runs can be compared, but the reader should know.
+
+    Raises:
+        ValueError: naming two runs whose splits differ and the field.
+    """
+    for dataset, of in runs.groupby("dataset"):
+        for column in SPLIT_FIELDS:
+            known = of.dropna(subset=[column])
+            if known[column].nunique() > 1:
+                a, b = known.drop_duplicates(column).iloc[:2].itertuples()
+                raise ValueError(f"runs with different splits cannot be paired (`{dataset}`, {column} "
+                                 f"{getattr(a, column)!r} against {getattr(b, column)!r}): {a.run_dir} and {b.run_dir}")
+        for fold, in_fold in of.dropna(subset=["n_test"]).groupby("fold"):
+            if in_fold["n_test"].nunique() > 1:
+                a, b = in_fold.drop_duplicates("n_test").iloc[:2].itertuples()
+                raise ValueError(f"runs with different splits cannot be paired (`{dataset}` fold {fold}: "
+                                 f"{a.n_test:g} against {b.n_test:g} test images): {a.run_dir} and {b.run_dir}")
+        for column in SETTING_FIELDS:
+            known = of.dropna(subset=[column])
+            if known[column].nunique() > 1:
+                values = ", ".join(f"{v} ({n} runs)" for v, n in known[column].value_counts().sort_index().items())
+                a, b = known.drop_duplicates(column).iloc[:2].itertuples()
+                warnings.warn(f"`{dataset}`: runs with different {column}: {values}; e.g. {a.run_dir} and "
+                              f"{b.run_dir}", ReportWarning, stacklevel=2)
+
+
+def eps_val_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """``polydice-eps-val``: per (dataset, fold), the runs of the fixed ε with the best mean
+    validation Dice over its seeds, relabelled; a method like any other (no test image is read to
+    pick it). Needs at least two fixed-ε labels with a validation Dice in the fold.
+
+    Returns:
+        ``(runs of EPS_VAL_LABEL, {dataset: {fold: (ε, candidates)}})``.
+    """
+    fixed = runs[runs["label"].map(lambda x: bool(FIXED_EPS_LABEL.match(str(x)))) & (runs["method"] == "polydice")]
+    picked, choice = [], {}
+    for (dataset, fold), of in fixed.dropna(subset=["val_dice"]).groupby(["dataset", "fold"]):
+        means = of.groupby("eps")["val_dice"].mean()
+        if len(means) < 2:
+            continue
+        eps = means.idxmax()  # ties: the lowest ε
+        choice.setdefault(dataset, {})[int(fold)] = (float(eps), len(means))
+        picked.append(of[of["eps"] == eps].assign(label=EPS_VAL_LABEL))
+    return (pd.concat(picked, ignore_index=True) if picked else runs.iloc[:0]), choice
+
+
+def summarize(runs: pd.DataFrame, per_image: pd.DataFrame) -> pd.DataFrame:
+    """Per (dataset, label): every test metric's mean and sample std (ddof = 1) over folds of the
+    fold means (each fold's runs averaged over their seeds), ``dice_pooled_mean`` (the mean over
+    every tested image, pooled over folds and seeds: the thesis's "average over the entire test
+    dataset"), ``folds``, ``n_seeds`` (the fewest seeds of a fold), ``max_seeds``, ``n_runs``.
 
     ``pm_variant`` is the PM Dice variant of the label's runs (``"mixed"`` when its folds differ,
-    with a warning); empty for other methods.
+    with a warning); empty for other methods. ``dice-select`` runs are no row.
     """
     rows = []
-    for (dataset, label), group in runs.groupby(["dataset", "label"], sort=True):
+    pooled = per_image.groupby(["dataset", "label"])["dice"].mean()
+    for (dataset, label), group in runs[runs["label"] != SELECTION_TAG].groupby(["dataset", "label"], sort=True):
         if group["method"].nunique() > 1:
             warnings.warn(f"label {label!r} mixes methods {sorted(group['method'].unique())}", ReportWarning, stacklevel=2)
         variants = sorted(group["pm_variant"].dropna().unique())
@@ -407,132 +407,50 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
             warnings.warn(f"{label} ({dataset}) mixes PM Dice variants across folds: "
                           + "; ".join(f"{v} in folds {sorted(group.loc[group['pm_variant'] == v, 'fold'])}"
                                       for v in variants), ReportWarning, stacklevel=2)
+        eps = group["eps"].dropna().unique()
+        seeds = group.groupby("fold")["seed"].nunique()
         row = {"dataset": dataset, "label": label, "method": group["method"].iloc[0],
-               "eps": group["eps"].iloc[0], "folds": len(group), "n_test": group["n_test"].sum(min_count=1),
-               "pm_variant": variants[0] if len(variants) == 1 else ("mixed" if variants else "")}
+               "eps": eps[0] if len(eps) == 1 else math.nan, "folds": len(seeds),
+               "n_seeds": int(seeds.min()), "max_seeds": int(seeds.max()), "n_runs": len(group),
+               "n_test": group.groupby("fold")["n_test"].first().sum(min_count=1),
+               "pm_variant": variants[0] if len(variants) == 1 else ("mixed" if variants else ""),
+               "dice_pooled_mean": pooled.get((dataset, label), math.nan)}
+        folds = group.groupby("fold")[[f"test_{key}" for key in METRICS]].mean()
         for key in METRICS:
-            row[f"{key}_mean"] = group[f"test_{key}"].mean()
-            row[f"{key}_std"] = group[f"test_{key}"].std(ddof=1)
+            row[f"{key}_mean"] = folds[f"test_{key}"].mean()
+            row[f"{key}_std"] = folds[f"test_{key}"].std(ddof=1)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _bottom(values: pd.Series, fraction: float, ascending: bool) -> np.ndarray:
-    """Sorted indices of the ``max(1, round(fraction · n))`` lowest (or highest) values, ties by index."""
-    values = values.sort_index()
-    n = max(1, int(round(fraction * len(values))))
-    key = values.to_numpy() if ascending else -values.to_numpy()
-    ranked = np.argsort(key, kind="stable")  # stable on the sorted index: ties go to the lower index
-    return np.sort(values.index.to_numpy()[ranked[:n]])
+def tuning_budgets(table: pd.DataFrame, eps_choice: dict, per_fold: pd.DataFrame) -> pd.DataFrame:
+    """Each row's tuning budget: ``tuning_budget`` (configurations scored per fold, e.g. ``"1"``,
+    ``"9"``, ``"30–32"``; empty where unknown) and ``tuned_on`` (``"none"``, ``"validation"``, or
+    ``"test"`` for the oracle). The tuned adaptive method's budget is its search's trials per fold
+    (``best_config.json``); without that file it is unknown."""
+    trials = pd.to_numeric(per_fold.get("n_trials", pd.Series(dtype=float)), errors="coerce").dropna()
 
+    def span(values) -> str:
+        values = sorted({int(v) for v in values})
+        return "" if not values else str(values[0]) if len(values) == 1 else f"{values[0]}–{values[-1]}"
 
-def common_hardest(per_image: pd.DataFrame, fraction: float = HARDEST_FRACTION) -> tuple[pd.DataFrame, dict]:
-    """Each method's mean Dice over one hardest set of images per dataset.
-
-    An image's difficulty is the mean over all methods of the MC-Dropout difficulty their final
-    models gave it; the hardest ``fraction`` of the images (at least one) by that mean is shared.
-
-    Returns:
-        ``(frame with dataset, label, dice_hardest_quartile_common, n_hardest_common,
-        {dataset: sorted hardest indices})``.
-    """
-    rows, hardest = [], {}
-    for dataset, images in per_image.groupby("dataset"):
-        difficulty = images.groupby("index")["difficulty"].mean().dropna()
-        if difficulty.empty:
-            continue
-        hard = _bottom(difficulty, fraction, ascending=False)
-        hardest[dataset] = hard.tolist()
-        for label, rows_of in images.groupby("label"):
-            on = rows_of[rows_of["index"].isin(hard)]
-            rows.append({"dataset": dataset, "label": label,
-                         "dice_hardest_quartile_common": on["dice"].mean() if len(on) else math.nan,
-                         "n_hardest_common": len(on)})
-    return pd.DataFrame(rows, columns=["dataset", "label", "dice_hardest_quartile_common", "n_hardest_common"]), hardest
-
-
-def dice_loss_hardest(per_image: pd.DataFrame, fraction: float = HARDEST_FRACTION,
-                      baseline: str = DICE_LOSS_LABEL) -> tuple[pd.DataFrame, dict, dict]:
-    """The thesis's "cases difficult for conventional methods": per dataset, the test images on which
-    the Dice-loss baseline scores lowest, and every method's mean Dice over them.
-
-    The set is the bottom ``fraction`` (``max(1, round(fraction · n))`` images, ties broken by the
-    lower dataset index) of the ``baseline`` label's per-image test Dice pooled over its folds; one
-    set for every method, each averaging the images of it that it tested.
-
-    Returns:
-        ``(frame with dataset, label, dice_loss_hard_dice, dice_loss_hard_n_images,
-        {dataset: sorted indices of the set}, {dataset: why there is no set})``.
-    """
-    rows, hard, missing = [], {}, {}
-    for dataset, images in per_image.groupby("dataset"):
-        dice = images.loc[images["label"] == baseline].set_index("index")["dice"].dropna()
-        if dice.empty:
-            missing[dataset] = f"no Dice-loss run (`{baseline}`)"
-            continue
-        hard[dataset] = _bottom(dice, fraction, ascending=True).tolist()
-        for label, rows_of in images.groupby("label"):
-            on = rows_of[rows_of["index"].isin(hard[dataset])]
-            rows.append({"dataset": dataset, "label": label,
-                         "dice_loss_hard_dice": on["dice"].mean() if len(on) else math.nan,
-                         "dice_loss_hard_n_images": len(on)})
-    frame = pd.DataFrame(rows, columns=["dataset", "label", "dice_loss_hard_dice", "dice_loss_hard_n_images"])
-    return frame, hard, missing
-
-
-def _compare(pairs: pd.DataFrame, prefix: str) -> dict:
-    """Paired statistics of ``pairs`` (``group, dice, dice_ref`` per image), one pair per group.
-
-    A group's pair is the mean Dice of its images for each side; with one image per group that is
-    the image itself.
-    """
-    units = pairs.groupby("group")[["dice", "dice_ref"]].mean()
-    p, diff, n = paired_wilcoxon(units["dice"], units["dice_ref"])
-    low, high = bootstrap_ci(units["dice"].to_numpy() - units["dice_ref"].to_numpy())
-    return {f"{prefix}n_pairs": n, f"{prefix}n_images_paired": len(pairs), f"{prefix}dice_diff_mean": diff,
-            f"{prefix}dice_diff_ci_low": low, f"{prefix}dice_diff_ci_high": high, f"{prefix}wilcoxon_p": p}
-
-
-HARD = "dice_loss_hard_"  # prefix of the comparison on the Dice-loss baseline's hardest images
-HOLM_COLUMNS = ("wilcoxon_p", "ttest_p", "dice_loss_hard_wilcoxon_p")
-
-
-def paired_tests(runs: pd.DataFrame, per_image: pd.DataFrame, reference: str | None,
-                 hard: dict | None = None) -> pd.DataFrame:
-    """Every label against ``reference`` within its dataset, on the folds both have.
-
-    Per unit: the test images of the shared folds both tested are paired by dataset index, then
-    averaged per group (video sequence on CVC-ClinicDB, the image itself elsewhere): Wilcoxon
-    signed-rank over the units and a BCa bootstrap CI of the mean unit difference. The same on the
-    Dice-loss hard set ``hard[dataset]`` where there is one. Per fold: paired t-test of fold mean
-    Dice. Every p also Holm-adjusted (``<column>_holm``) across the labels of the dataset.
-    """
-    hard = hard or {}
-    empty = {"n_pairs": 0, "n_images_paired": 0, "dice_diff_mean": math.nan, "dice_diff_ci_low": math.nan,
-             "dice_diff_ci_high": math.nan, "wilcoxon_p": math.nan}
-    rows = []
-    for (dataset, label), group in runs.groupby(["dataset", "label"]):
-        row = {"dataset": dataset, "label": label, "reference": reference, "folds_shared": 0, "ttest_p": math.nan}
-        row.update(empty)
-        row.update({HARD + k: v for k, v in empty.items()})
-        ref = runs[(runs["dataset"] == dataset) & (runs["label"] == reference)]
-        if reference is None or label == reference or ref.empty:
-            rows.append(row)
-            continue
-        folds = pd.merge(group[["fold", "test_dice"]], ref[["fold", "test_dice"]], on="fold", suffixes=("", "_ref"))
-        shared = set(folds["fold"])
-        images = per_image[(per_image["dataset"] == dataset) & per_image["fold"].isin(shared)]
-        pairs = pd.merge(images[images["label"] == label][["index", "group", "dice"]],
-                         images[images["label"] == reference][["index", "dice"]], on="index", suffixes=("", "_ref"))
-        row.update(folds_shared=len(shared), ttest_p=fold_ttest(folds["test_dice"], folds["test_dice_ref"]))
-        row.update(_compare(pairs, ""))
-        if dataset in hard:
-            row.update(_compare(pairs[pairs["index"].isin(hard[dataset])], HARD))
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    for column in HOLM_COLUMNS:
-        table[f"{column}_holm"] = table.groupby("dataset")[column].transform(holm)
-    return table
+    budget, tuned_on = [], []
+    for row in table.itertuples():
+        if row.oracle:
+            n = table[(table["dataset"] == row.dataset) & ~table["oracle"]
+                      & table["label"].map(lambda x: bool(FIXED_EPS_LABEL.match(str(x))))]
+            budget.append(str(len(n)))
+            tuned_on.append("test")
+        elif row.label == EPS_VAL_LABEL:
+            budget.append(span(n for _, n in eps_choice.get(row.dataset, {}).values()))
+            tuned_on.append("validation")
+        elif str(row.label).startswith("adaptive-tuned"):
+            budget.append(span(trials))
+            tuned_on.append("validation")
+        else:
+            budget.append("1")
+            tuned_on.append("none")
+    return table.assign(tuning_budget=budget, tuned_on=tuned_on)
 
 
 def add_oracle(table: pd.DataFrame) -> pd.DataFrame:
@@ -732,8 +650,8 @@ def plot_dice_per_method(runs: pd.DataFrame, path: Path) -> None:
             jitter = np.linspace(-0.12, 0.12, len(vals)) if len(vals) > 1 else np.zeros(1)
             ax.scatter(i + jitter, vals, s=14, zorder=3, color="tab:blue")
         ax.set_xticks(range(1, len(order) + 1), order, rotation=45, ha="right")
-        ax.set_ylabel("test Dice (per fold)")
-        ax.set_title(f"{dataset}: test Dice per fold")
+        ax.set_ylabel("test Dice (per run)")
+        ax.set_title(f"{dataset}: test Dice per run (folds × seeds)")
         ax.grid(axis="y", alpha=0.3)
     fig.savefig(path, dpi=120)
 
@@ -868,7 +786,7 @@ def _fmt_diff(diff: float, low: float, high: float) -> str:
     return f"{diff:+.4f} [–]" if pd.isna(low) else f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
-def _display_label(row, reference: str | None) -> str:
+def _display_label(row, reference: str | None, eps_choice: dict) -> str:
     if row["oracle"]:
         return f"*{row['label']}* † (oracle, not a method)"
     label, notes = row["label"], []
@@ -881,17 +799,35 @@ def _display_label(row, reference: str | None) -> str:
         notes.append(f"searched and tested on fold {fold} only")
     if row["label"] == ZERO_EPS_LABEL:
         notes.append("PolyDice ε = 0 baseline")
+    if row["label"] == EPS_VAL_LABEL:
+        chosen = eps_choice.get(row["dataset"], {})
+        notes.append("fixed ε picked on validation per fold: "
+                     + ", ".join(f"{eps:+.1f}" for _, (eps, _) in sorted(chosen.items())))
     return label + (f" ({'; '.join(notes)})" if notes else "")
 
 
-def _markdown_table(table: pd.DataFrame, reference: str | None, unit: str | None, no_hard_set: str | None) -> list[str]:
-    header = (["Method", "Folds"] + [HEADERS[m] for m in METRICS]
-              + ["Hardest 25 % Dice (common)²", "Dice-loss hardest 25 % Dice³", "ΔDice there [95 % CI], Holm p³",
-                 "ΔDice vs ref [95 % CI]⁴", "n pairs⁴", "Wilcoxon p (Holm)⁴", "Fold t-test p (Holm)⁵"])
+def _seeds(row) -> str:
+    return str(row["n_seeds"]) if row["n_seeds"] == row["max_seeds"] else f"{row['n_seeds']}–{row['max_seeds']}"
+
+
+def _budget(row) -> str:
+    if not row["tuning_budget"] or pd.isna(row["tuning_budget"]):
+        return "searched (trials unknown)⁷"
+    return {"none": "1", "validation": f"{row['tuning_budget']} (validation)",
+            "test": f"{row['tuning_budget']} (test)"}[row["tuned_on"]]
+
+
+def _markdown_table(table: pd.DataFrame, reference: str | None, unit: str | None, no_hard_set: str | None,
+                    hard_source: str | None, eps_choice: dict) -> list[str]:
+    header = (["Method", "Folds", "Seeds", "Configurations tuned⁷"] + [HEADERS[m] for m in METRICS]
+              + ["Dice (pooled)", "Hardest 25 % Dice (common)²", "Dice-loss hardest 25 % Dice³",
+                 "ΔDice there [95 % CI], Holm p³", "ΔDice vs ref [95 % CI]⁴", "n pairs⁴", "Wilcoxon p (Holm)⁴",
+                 "Fold t-test p (Holm)⁵"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in table.iterrows():
-        cells = [_display_label(row, reference), str(int(row["folds"]))]
+        cells = [_display_label(row, reference, eps_choice), str(int(row["folds"])), _seeds(row), _budget(row)]
         cells += [_fmt(row[f"{m}_mean"], row[f"{m}_std"]) for m in METRICS]
+        cells.append(_fmt(row["dice_pooled_mean"], math.nan))
         common = row["dice_hardest_quartile_common"]
         cells.append("–" if pd.isna(common) else f"{common:.4f} (n={int(row['n_hardest_common'])})")
         if no_hard_set:
@@ -900,12 +836,17 @@ def _markdown_table(table: pd.DataFrame, reference: str | None, unit: str | None
             hard = row["dice_loss_hard_dice"]
             cells.append("–" if pd.isna(hard) else f"{hard:.4f} (n={int(row['dice_loss_hard_n_images'])})")
             n = int(row[HARD + "n_pairs"])
-            cells.append("–" if not n else
-                         f"{_fmt_diff(row[HARD + 'dice_diff_mean'], row[HARD + 'dice_diff_ci_low'], row[HARD + 'dice_diff_ci_high'])}, "
-                         f"p = {_fmt_p(row[HARD + 'wilcoxon_p_holm'])} ({_count(n, unit)})")
+            if not n:
+                cells.append("–")
+            elif hard_source != SOURCE_SELECT:
+                cells.append(f"{row[HARD + 'dice_diff_mean']:+.4f}, biased: no p-value (no `{SELECTION_TAG}` runs)")
+            else:
+                cells.append(f"{_fmt_diff(row[HARD + 'dice_diff_mean'], row[HARD + 'dice_diff_ci_low'], row[HARD + 'dice_diff_ci_high'])}, "
+                             f"p = {_fmt_p(row[HARD + 'wilcoxon_p_holm'])} ({_count(n, 'run pair')})")
         n = int(row["n_pairs"])
         cells += [_fmt_diff(row["dice_diff_mean"], row["dice_diff_ci_low"], row["dice_diff_ci_high"]),
-                  _count(n, unit) if n else "–", _fmt_p(row["wilcoxon_p_holm"]), _fmt_p(row["ttest_p_holm"])]
+                  f"{_count(n, 'run pair')} ({_count(int(row['n_units_paired']), unit)})" if n else "–",
+                  _fmt_p(row["wilcoxon_p_holm"]), _fmt_p(row["ttest_p_holm"])]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -935,62 +876,103 @@ def _pm_footnote(table: pd.DataFrame, runs: pd.DataFrame) -> str | None:
 
 
 TABLE_COLUMNS = (
-    ["dataset", "label", "method", "eps", "oracle", "folds", "n_test", "pm_variant"]
+    ["dataset", "label", "method", "eps", "oracle", "folds", "n_seeds", "max_seeds", "n_runs", "tuning_budget",
+     "tuned_on", "n_test", "pm_variant"]
     + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
-    + ["dice_hardest_quartile_common", "n_hardest_common", "dice_loss_hard_dice", "dice_loss_hard_n_images",
-       "reference", "folds_shared", "pair_unit", "n_pairs", "n_images_paired", "dice_diff_mean",
-       "dice_diff_ci_low", "dice_diff_ci_high", "wilcoxon_p", "wilcoxon_p_holm", "ttest_p", "ttest_p_holm"]
-    + [HARD + c for c in ("n_pairs", "n_images_paired", "dice_diff_mean", "dice_diff_ci_low", "dice_diff_ci_high",
-                          "wilcoxon_p", "wilcoxon_p_holm")]
+    + ["dice_pooled_mean", "dice_hardest_quartile_common", "n_hardest_common", "dice_loss_hard_dice",
+       "dice_loss_hard_n_images", "dice_loss_hard_source", "reference", "folds_shared", "pair_unit", "n_pairs",
+       "n_units_paired", "n_images_paired", "dice_diff_mean", "dice_diff_ci_low", "dice_diff_ci_high", "wilcoxon_p",
+       "wilcoxon_p_holm", "ttest_p", "ttest_p_holm", "fixed_networks_wilcoxon_p"]
+    + [HARD + c for c in ("n_pairs", "n_units_paired", "n_images_paired", "dice_diff_mean", "dice_diff_ci_low",
+                          "dice_diff_ci_high", "wilcoxon_p", "wilcoxon_p_holm", "fixed_networks_wilcoxon_p")]
 )
 
 
-def _footnotes(table: pd.DataFrame, runs: pd.DataFrame, reference: str | None, units: dict, hardest: dict,
-               hard_sets: dict, no_hard_set: dict) -> list[str]:
+def _shares(runs: pd.DataFrame) -> str | None:
+    """``64 % / 16 % / 20 %``: the median training, validation and test shares of the runs."""
+    sizes = runs[["n_train", "n_val", "n_test"]].dropna()
+    if sizes.empty:
+        return None
+    shares = sizes.div(sizes.sum(axis=1), axis=0).median()
+    return " / ".join(f"{100 * v:.0f} %" for v in shares)
+
+
+def _footnotes(table: pd.DataFrame, runs: pd.DataFrame, reference: str | None, info: dict) -> list[str]:
+    units, hardest, hard_sets, sources = info["units"], info["hardest"], info["hard_sets"], info["hard_source"]
     common = ", ".join(f"{len(v)} images of `{k}`" for k, v in hardest.items())
-    hard = ", ".join(f"{len(v)} images of `{k}`" for k, v in hard_sets.items())
-    absent = ", ".join(f"`{k}`: {why}" for k, why in no_hard_set.items())
+    absent = ", ".join(f"`{k}`: {why}" for k, why in info["no_hard_set"].items())
     described = {"image": "per image", "sequence": "per video sequence (the mean Dice of the sequence's paired "
                  "images; frames of one sequence are not independent)"}
     unit_text = "; ".join(f"`{d}` {described[u['unit']]}" for d, u in units.items()) or "no per-image results"
-    family = ", ".join(
-        f"m = {int(sub['wilcoxon_p'].notna().sum())} in `{d}`" for d, sub in table[~table["oracle"]].groupby("dataset"))
+    compared = table[~table["oracle"]]
+    family = ", ".join(f"m = {int(sub['wilcoxon_p'].notna().sum())} in `{d}`" for d, sub in compared.groupby("dataset"))
+    shares = _shares(runs)
+    one_seed = compared.loc[compared["max_seeds"] <= 1, "label"].tolist()
+    hard_parts = []
+    for dataset, indices in hard_sets.items():
+        if sources[dataset] == SOURCE_SELECT:
+            hard_parts.append(f"`{dataset}`: {len(indices)} images, chosen by the `{SELECTION_TAG}` runs")
+        else:
+            hard_parts.append(f"`{dataset}`: {len(indices)} images, chosen by the `{DICE_LOSS_LABEL}` runs' own "
+                              f"results ({sources[dataset]}): biased, the set is where `{DICE_LOSS_LABEL}`'s own noise "
+                              "was worst (regression to the mean), and methods trained with its seeds share part of "
+                              f"that luck; no p-value or interval is given. Train the grid's `{SELECTION_TAG}` runs "
+                              "for an unbiased set")
     footnotes = [
-        "Values are the mean ± sample standard deviation (ddof = 1) over folds of each fold's test mean; "
-        "a single fold has no std.",
+        "Values are the mean ± sample standard deviation (ddof = 1) over folds of each fold's test mean, a fold's "
+        "runs (seeds) averaged first; a single fold has no std. Dice (pooled) is the mean over every tested image, "
+        "pooled over folds and seeds (`dice_pooled_mean`, the thesis's \"average over the entire test dataset\")."
+        + (f" Each run trains on {shares.split(' / ')[0]} of the images, picks its epoch and threshold on "
+           f"{shares.split(' / ')[1]} (the inner validation split of its fold's training part) and is tested on "
+           f"{shares.split(' / ')[2]} (median shares over the runs)." if shares else ""),
         "¹ Hardest 25 % Dice (own): each run ranks its own test images by its own final model's MC-Dropout "
         "difficulty (mutual information) and averages the Dice of the top quarter; the sets differ between "
         "methods, so this is not a like-for-like comparison.",
         "² Hardest 25 % Dice (common): one set of images for all methods: each test image's difficulty is "
-        "averaged over every method's final model, and the top quarter by that mean "
-        f"({common or 'no per-image results'}) is shared; mean Dice over it, pooled across folds.",
-        "³ Dice-loss hardest 25 % Dice: the thesis's \"cases difficult for conventional methods\": the test "
-        f"images on which the Dice-loss baseline (the run labelled `{DICE_LOSS_LABEL}`) scores lowest, the bottom "
-        "quarter of its per-image test Dice pooled over its folds (max(1, round(n / 4)) images, ties to the "
-        f"lower dataset index; {hard or 'no set'}). One set for every method; each row is the mean Dice over the "
-        "images of the set that method tested (n), pooled across folds. ΔDice there, its 95 % CI and the "
-        "Holm-adjusted p are the paired comparison of ⁴ restricted to the set (Holm across the methods of the "
-        "dataset, a family of its own). The set is chosen on the baseline's own low scores, so the "
-        f"`{DICE_LOSS_LABEL}` row's value and its ΔDice are biased against it (regression to the mean); for "
-        "every other method the set is fixed independently of its results."
+        "averaged over every compared run's final model, and the top quarter by that mean "
+        f"({common or 'no per-image results'}) is shared; mean Dice over it, pooled across folds and seeds. The set "
+        "depends on which methods are passed to the report.",
+        "³ Dice-loss hardest 25 % Dice: the thesis's \"cases difficult for conventional methods\", the bottom quarter "
+        f"(max(1, round(n / 4)) images, ties to the lower dataset index) of the per-image test Dice of an independent "
+        f"Dice-loss replicate per fold (`{SELECTION_TAG}`, trained with a seed no compared run uses, never a row), "
+        "pooled over its folds. One set for every method, `dice` included; each row is the mean Dice over the "
+        "images of the set that method tested (n), pooled across folds and seeds. ΔDice there, its 95 % CI and the "
+        "Holm-adjusted p are the comparison of ⁴ restricted to the set (Holm across the methods of the dataset, a "
+        "family of its own). " + ("; ".join(hard_parts) + "." if hard_parts else "")
         + (f" No set for {absent}: the column says so rather than guess from another method." if absent else ""),
-        f"⁴ Paired against `{reference}` on the test images both tested in the folds both share, with the unit "
-        f"of independence of each dataset: {unit_text}; n pairs counts those units. ΔDice is the mean over "
-        "units of (method − reference) Dice, so on a per-sequence dataset every sequence weighs the same. "
-        f"95 % CI: BCa bootstrap of the paired unit differences (scipy.stats.bootstrap, {BOOTSTRAP_RESAMPLES} "
-        f"resamples, seed {BOOTSTRAP_SEED}; [–] below 2 units or where BCa is undefined). Wilcoxon p: two-sided signed-rank test over the "
-        "units (p = 1 when every difference is 0), Holm-adjusted across the methods compared against the "
-        f"reference within the dataset ({family or 'no comparisons'})"
+        f"⁴ Paired against `{reference}` by run: a run pair is a run of the method and one of the reference with "
+        "the same fold and seed; for each pair both runs' Dice is averaged over the test units both tested "
+        f"({unit_text}), and the unit of inference is the run pair, so training randomness is part of the test. "
+        "ΔDice is the mean run-pair difference (method − reference). 95 % CI: BCa bootstrap over the run pairs "
+        f"(scipy.stats.bootstrap, {BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}; [–] below 2 pairs or where "
+        "BCa is undefined), one interval per comparison, not adjusted for the number of comparisons. Wilcoxon p: "
+        "two-sided signed-rank test over the run-pair differences (exact below 50 pairs; it assumes independent "
+        "pairs, differences symmetric about their mean; p = 1 when every difference is 0; below 6 pairs no p can "
+        "reach 0.05), Holm-adjusted across the methods compared against the reference within the dataset "
+        f"({family or 'no comparisons'})"
         + ("; the oracle row repeats its fixed-ε row and is not counted in the family" if table["oracle"].any() else "")
-        + ". Raw p in table.csv (`wilcoxon_p`, adjusted `wilcoxon_p_holm`). "
-        "Holm controls the family-wise error within one column, not across columns or metrics. Where the data "
-        "give no grouping (Kvasir-SEG) images count as independent; images of one patient may still be correlated.",
-        "⁵ Paired t-test of the per-fold mean test Dice over the shared folds (needs ≥ 3): with 5 folds it "
-        "has 4 degrees of freedom, a weak test. Holm-adjusted as ⁴, a family of its own (raw in `ttest_p`).",
+        + ". Raw p in table.csv (`wilcoxon_p`, adjusted `wilcoxon_p_holm`). Holm controls the family-wise error "
+        "within one column, not across columns or metrics. `fixed_networks_wilcoxon_p` in table.csv tests the test "
+        "units instead, each averaged over the paired seeds: it treats each trained network as fixed (these networks "
+        "on these images, not the methods), information only and never a claim. Where the data give no grouping "
+        "(Kvasir-SEG) images count as independent, although images of one patient may be correlated; on "
+        "CVC-ClinicDB the units are video sequences, not patients, and the 29 sequences come from fewer patients."
+        + (f" One seed per fold for {'every method' if len(one_seed) == len(compared) else ', '.join(f'`{x}`' for x in one_seed)}: "
+           "each fold's network is its only replicate, so the run pairs are the folds (`--seeds 3` trains three)."
+           if one_seed else ""),
+        "⁵ Paired t-test of the per-fold mean test Dice (each fold's run pairs averaged over their seeds) over the "
+        "shared folds (needs ≥ 3): with 5 folds it has 4 degrees of freedom, a weak test, but one that also allows "
+        "the difference to vary from fold to fold. Holm-adjusted as ⁴, a family of its own (raw in `ttest_p`).",
     ]
     pm = _pm_footnote(table, runs)
     if pm:
         footnotes.append(pm)
+    footnotes.append("⁷ Configurations tuned: how many configurations each fold's choice was made among, and on "
+                     "what: 1 for a method run at fixed settings; the search's trials for the tuned adaptive method "
+                     "(scored on validation Dice; from best_config.json, unknown without it); the fixed-ε grid for "
+                     f"`{EPS_VAL_LABEL}` (the ε with the best mean validation Dice over its seeds, per fold) and for the "
+                     "oracle (picked on test). A method tuned over more configurations had more chances; compare the "
+                     f"tuned adaptive method with `{EPS_VAL_LABEL}` for a like-for-like tuned fixed ε.")
     if table["oracle"].any():
         footnotes.append("† Oracle, not a valid method: picked on test Dice. A copy of the fixed-ε PolyDice-1 "
                          "row with the best mean **test** Dice, an upper bound for a tuned fixed ε (as in the thesis).")
@@ -999,13 +981,69 @@ def _footnotes(table: pd.DataFrame, runs: pd.DataFrame, reference: str | None, u
     return footnotes
 
 
+def build_table(runs: pd.DataFrame, per_image: pd.DataFrame, reference: str | None = None,
+                per_fold: pd.DataFrame | None = None) -> tuple[pd.DataFrame, dict]:
+    """The report's table from the runs and their per-image results (no files read or written).
+
+    Args:
+        runs: :func:`collect_runs`.
+        per_image: :func:`load_per_image` of those runs.
+        reference: label of the paired tests' reference (default: :func:`choose_reference`).
+        per_fold: :func:`load_best_config`'s per-fold frame, for the tuned method's budget.
+
+    Returns:
+        ``(table, info)``: the table's rows sorted as shown, with the columns of ``TABLE_COLUMNS``
+        (and more); ``info`` holds ``reference, runs`` (with ``polydice-eps-val``), ``units,
+        hardest, hard_sets, hard_source, no_hard_set, eps_choice``.
+
+    Raises:
+        ValueError: runs with different splits (:func:`check_splits`), an unknown reference.
+    """
+    check_splits(runs)
+    eps_runs, eps_choice = eps_val_runs(runs)
+    if not eps_runs.empty:
+        picked = eps_runs[["dataset", "fold", "eps"]].drop_duplicates()
+        source = runs[["dataset", "fold", "eps", "label"]].merge(picked, on=["dataset", "fold", "eps"])
+        source = source[source["label"].map(lambda x: bool(FIXED_EPS_LABEL.match(str(x))))]
+        copies = per_image.merge(source[["dataset", "fold", "label"]], on=["dataset", "fold", "label"])
+        runs = pd.concat([runs, eps_runs], ignore_index=True)
+        per_image = pd.concat([per_image, copies.assign(label=EPS_VAL_LABEL)], ignore_index=True)
+    compared = runs[runs["label"] != SELECTION_TAG]
+    reference = choose_reference(compared["label"], reference)
+    units = pairing_units(per_image)
+    table = summarize(runs, per_image)
+    common, hardest = common_hardest(per_image)
+    hard_dice, hard_sets, hard_source, no_hard_set = hard_set(per_image)
+    clashes = selection_seed_clashes(runs)
+    if clashes:
+        warnings.warn(f"`{SELECTION_TAG}` runs share a fold and seed with a compared run, so their hard set is not "
+                      f"independent of it: {'; '.join(clashes)}; no p-value on the hard set", ReportWarning, stacklevel=2)
+        for dataset in {c for c in runs.loc[runs["label"] == SELECTION_TAG, "dataset"]}:
+            if hard_source.get(dataset) == SOURCE_SELECT:
+                hard_source[dataset] = f"{SELECTION_TAG} (seed shared with a compared run)"
+    no_hard_set.update({d: "no per-image results" for d in runs["dataset"].unique() if d not in units})
+    table = table.merge(common, on=["dataset", "label"], how="left")
+    table = table.merge(hard_dice, on=["dataset", "label"], how="left")
+    table = table.merge(paired_tests(runs, per_image, reference, hard_sets, hard_source),
+                        on=["dataset", "label"], how="left")
+    table["pair_unit"] = table["dataset"].map(lambda d: units.get(d, {}).get("unit", ""))
+    table["dice_loss_hard_source"] = table["dataset"].map(lambda d: hard_source.get(d, ""))
+    table = add_oracle(table)
+    table = tuning_budgets(table, eps_choice, per_fold if per_fold is not None else pd.DataFrame())
+    for column in ("n_hardest_common", "dice_loss_hard_n_images"):
+        table[column] = table[column].fillna(0).astype(int)
+    table = table.sort_values(["dataset", "oracle", "dice_mean"], ascending=[True, True, False], kind="stable")
+    info = {"reference": reference, "runs": runs, "units": units, "hardest": hardest, "hard_sets": hard_sets,
+            "hard_source": hard_source, "no_hard_set": no_hard_set, "eps_choice": eps_choice}
+    return table.reset_index(drop=True), info
+
+
 def make_report(
     results_dirs: list[Path],
     out_dir: Path,
     *,
     optuna_storage: str | None = None,
     study_names: list[str] | None = None,
-    study_name: str | None = None,
     reference: str | None = None,
     best_config: Path | None = None,
 ) -> Path:
@@ -1017,7 +1055,6 @@ def make_report(
         optuna_storage: storage URL of the search's Optuna studies, for their history and importances.
         study_names: the studies to show (``<study>-fold0``, … under nested cross-validation); with
             ``optuna_storage`` and ``best_config`` and no names, the studies that best_config.json names.
-        study_name: one study, added to ``study_names`` (the earlier single-study argument).
         reference: label the paired tests compare against (default: see :func:`choose_reference`).
         best_config: the search's ``best_config.json``, for the "Best configuration per fold"
             section and ``best_config_per_fold.csv``; a malformed file is listed under Warnings.
@@ -1026,61 +1063,52 @@ def make_report(
         The path of ``table.md``.
 
     Raises:
-        ValueError: no results folder, a missing one, one without tested runs, an unknown reference,
-            or study names without ``optuna_storage``.
+        ValueError: no results folder, a missing one, one without tested runs, runs whose splits
+            differ, an unknown reference, or study names without ``optuna_storage``.
     """
     if not results_dirs:
         raise ValueError("no results folders given")
-    names = list(study_names or []) + ([study_name] if study_name else [])
+    names = list(study_names or [])
     if names and not optuna_storage:
         raise ValueError(f"study names {names} given without optuna_storage")
     out_dir = Path(out_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         runs = collect_runs(results_dirs)
-        reference = choose_reference(runs["label"], reference)
         per_image = load_per_image(runs)
-        units = pairing_units(per_image)
-        table = summarize(runs)
-        common, hardest = common_hardest(per_image)
-        hard_dice, hard_sets, no_hard_set = dice_loss_hardest(per_image)
-        no_hard_set.update({d: "no per-image results" for d in runs["dataset"].unique() if d not in units})
-        table = table.merge(common, on=["dataset", "label"], how="left")
-        table = table.merge(hard_dice, on=["dataset", "label"], how="left")
-        table = table.merge(paired_tests(runs, per_image, reference, hard_sets), on=["dataset", "label"], how="left")
-        table["pair_unit"] = table["dataset"].map(lambda d: units.get(d, {}).get("unit", ""))
-        table = add_oracle(table)
         header, per_fold = load_best_config(best_config) if best_config is not None else ({}, pd.DataFrame())
         if optuna_storage and not names and not per_fold.empty:
             names = [n for n in per_fold["study_name"] if isinstance(n, str)]
-
-        for column in ("n_hardest_common", "dice_loss_hard_n_images"):
-            table[column] = table[column].fillna(0).astype(int)
-        table = table.sort_values(["dataset", "oracle", "dice_mean"], ascending=[True, True, False], kind="stable")
-        table = table.reset_index(drop=True)
+        table, info = build_table(runs, per_image, reference, per_fold)
+        reference, runs, units = info["reference"], info["runs"], info["units"]
         out_dir.mkdir(parents=True, exist_ok=True)
         table[TABLE_COLUMNS].to_csv(out_dir / "table.csv", index=False)
 
-        plot_dice_per_method(runs, out_dir / "dice_per_method.png")
-        eps = epsilon_at_last_refresh(runs)
+        compared = runs[runs["label"] != SELECTION_TAG]
+        plot_dice_per_method(compared, out_dir / "dice_per_method.png")
+        eps = epsilon_at_last_refresh(compared)
         if not eps.empty:
             plot_eps_vs_difficulty(eps, out_dir / "eps_vs_difficulty.png")
 
         md = ["# PolyDice study report", ""]
-        labels = sorted(runs["label"].unique())
+        labels = sorted(compared["label"].unique())
+        select = runs[runs["label"] == SELECTION_TAG]
         md.append(f"Compared: {len(labels)} methods ({', '.join(f'`{x}`' for x in labels)}), results from "
-                  + ", ".join(f"`{d}`" for d in results_dirs) + ".")
+                  + ", ".join(f"`{d}`" for d in results_dirs) + "."
+                  + (f" The {_count(len(select), 'run')} `{SELECTION_TAG}` only choose the hard set (³)." if len(select) else ""))
         md.append("")
-        for dataset, sub in runs.groupby("dataset"):
+        for dataset, sub in compared.groupby("dataset"):
             folds = sorted(sub["fold"].unique())
             unit = units.get(dataset)
             paired = ("no per-image results, no paired tests" if unit is None else
                       f"paired per image (n = {_count(unit['n_units'], 'image')})" if unit["unit"] == "image" else
                       f"{unit['n_units']} video sequences, paired per video sequence "
                       f"(n = {_count(unit['n_units'], 'sequence')})")
+            seeds = sorted(sub["seed"].unique())
             md.append(f"- `{dataset}`: {len(folds)} folds ({', '.join(map(str, folds))}), "
                       f"{unit['n_images'] if unit else 0} test images (every image is tested once per method "
-                      f"across its folds), {len(sub)} runs; {paired}.")
+                      f"and seed across its folds), {len(sub)} runs, seeds {', '.join(map(str, seeds))}; "
+                      f"test units {paired}; the tests' unit of inference is the run pair (⁴).")
         md.append("")
         if reference is None:
             md.append("No adaptive run: no paired tests (pass --reference LABEL).")
@@ -1094,8 +1122,9 @@ def make_report(
             if table["dataset"].nunique() > 1:
                 md += [f"## {dataset}", ""]
             md += _markdown_table(sub, reference, units.get(dataset, {}).get("unit", "image"),
-                                  no_hard_set.get(dataset)) + [""]
-        for note in _footnotes(table, runs, reference, units, hardest, hard_sets, no_hard_set):
+                                  info["no_hard_set"].get(dataset), info["hard_source"].get(dataset),
+                                  info["eps_choice"]) + [""]
+        for note in _footnotes(table, runs, reference, info):
             md += [note, ""]
         if best_config is not None:
             md += best_config_section(best_config, header, per_fold, out_dir)

@@ -16,18 +16,22 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss as MonaiDiceLoss
 from monai.losses import FocalLoss as MonaiFocalLoss
 
+from polydice.config import METHODS, TrainConfig
 from polydice.losses import (
     LOSSES,
     PolyDiceLoss,
+    SegmentationLoss,
     arccos_squared,
     build_loss,
     ce_dice_loss,
+    dice_linear_loss,
     dice_loss,
     dsc_pp_loss,
     focal_loss,
     pm_dice_loss,
     polydice_loss,
 )
+from polydice.train import build_method_loss
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -274,6 +278,7 @@ PROB_LOSSES = {
     "pm_dice": lambda p, y, e: pm_dice_loss(p, y, 1.0),
     "pm_dice_foreground": lambda p, y, e: pm_dice_loss(p, y, 1.0, include_background=False),
     "dsc_pp": lambda p, y, e: dsc_pp_loss(p, y, 2.0),
+    "dice_linear": lambda p, y, e: dice_linear_loss(p, y),
 }
 
 
@@ -419,8 +424,9 @@ def test_gradcheck_polydice_near_perfect_series_branch(order):
         lambda p, y: pm_dice_loss(p, y, gamma=0.0),
         lambda p, y: dsc_pp_loss(p, y, gamma=1.0),
         lambda p, y: dsc_pp_loss(p, y, gamma=2.0),
+        lambda p, y: dice_linear_loss(p, y),
     ],
-    ids=["dice", "pm_dice_gamma0", "dsc_pp_gamma1", "dsc_pp_gamma2"],
+    ids=["dice", "pm_dice_gamma0", "dsc_pp_gamma1", "dsc_pp_gamma2", "dice_linear"],
 )
 def test_gradcheck_dice_family(fn):
     p, y = random_case(13, batch=2, size=4)
@@ -574,6 +580,77 @@ def test_dsc_pp_gamma1_matches_monai_linear_dice(seed):
     torch.testing.assert_close(dsc_pp_loss(p, y, gamma=1.0), expected, rtol=RTOL, atol=1e-8)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dice_linear_matches_monai_linear_dice(seed):
+    p, y = random_case(seed, batch=4, lo=0.0, hi=1.0)
+    y[3] = 0.0
+    monai = MonaiDiceLoss(
+        squared_pred=False, reduction="none", smooth_nr=1e-6, smooth_dr=1e-6, include_background=True
+    )
+    expected = _monai_per_image(monai(p[:, None], y[:, None]))
+    torch.testing.assert_close(dice_linear_loss(p, y), expected, rtol=RTOL, atol=1e-8)
+
+
+def test_dice_linear_hand_value():
+    # p = [1, 0.5, 0.5, 0], y = [1, 1, 0, 0]: Σpy = 1.5, Σp = 2, Σy = 2 -> L = 1 − 3/4.
+    # The squared denominator of Eq. 1 has Σp² = 1.5 instead -> 1 − 3/3.5 = 1/7.
+    p = t64([[[1.0, 0.5], [0.5, 0.0]]])
+    y = t64([[[1.0, 1.0], [0.0, 0.0]]])
+    np.testing.assert_allclose(dice_linear_loss(p, y, smooth=0.0).numpy(), [0.25], rtol=1e-12)
+    np.testing.assert_allclose(dice_loss(p, y, smooth=0.0).numpy(), [1 / 7], rtol=1e-12)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["binary", "soft"])
+def test_dice_linear_equals_dsc_pp_gamma1(soft):
+    """2TP + Σp(1 − y) + Σ(1 − p)y = Σp + Σy for any target, soft ones included."""
+    p, y = random_case(6, batch=4, lo=0.0, hi=1.0)
+    y[3] = 0.0
+    if soft:
+        y = torch.rand(y.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    torch.testing.assert_close(dice_linear_loss(p, y), dsc_pp_loss(p, y, gamma=1.0), rtol=1e-12, atol=1e-14)
+
+
+def _binary_masks_and_probs(seed: int, batch: int = 6, size: int = 8):
+    """Random probabilities in [0, 1] (some exactly 0 or 1) and binary masks, one empty, one full."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.rand(batch, size, size, generator=g, dtype=torch.float64)
+    p[0, 0, :2] = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    y = (torch.rand(batch, size, size, generator=g) > 0.5).double()
+    y[1] = 0.0
+    y[2] = 1.0
+    return p, y
+
+
+def _loss_and_grad(fn, p: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    p = p.clone().requires_grad_(True)
+    loss = fn(p, y)
+    (grad,) = torch.autograd.grad(loss.sum(), p)  # images are independent: each gets its own gradient
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dsc_pp_gamma2_is_dice_on_binary_masks(seed):
+    """For y ∈ {0, 1}: 2TP + Σ(p(1 − y))² + Σ((1 − p)y)² = Σp² + Σy², so DSC++ (γ = 2) is Eq. 1,
+    loss and gradient, up to rounding."""
+    p, y = _binary_masks_and_probs(seed)
+    loss_pp, grad_pp = _loss_and_grad(lambda a, b: dsc_pp_loss(a, b, gamma=2.0), p, y)
+    loss_dice, grad_dice = _loss_and_grad(dice_loss, p, y)
+    torch.testing.assert_close(loss_pp, loss_dice, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad_pp, grad_dice, rtol=1e-12, atol=1e-14)
+
+
+def test_dsc_pp_gamma2_is_not_dice_on_soft_targets():
+    """The denominators differ by 2Σ p·y·(1 − p)(1 − y), zero only where p or y is 0 or 1."""
+    g = torch.Generator().manual_seed(3)
+    p = 0.05 + 0.9 * torch.rand(4, 6, 6, generator=g, dtype=torch.float64)
+    y = 0.05 + 0.9 * torch.rand(4, 6, 6, generator=g, dtype=torch.float64)
+    pp, dice = dsc_pp_loss(p, y, gamma=2.0, smooth=0.0), dice_loss(p, y, smooth=0.0)
+    num = 2.0 * (p * y).flatten(1).sum(1)
+    gap = 2.0 * (p * y * (1 - p) * (1 - y)).flatten(1).sum(1)
+    torch.testing.assert_close(pp, 1 - num / (num / (1 - dice) + gap), rtol=1e-12, atol=1e-14)
+    assert torch.all((pp - dice).abs() > 1e-2), pp - dice
+
+
 @pytest.mark.parametrize("gamma", [0.5, 2.0, 3.0])
 def test_dsc_pp_matches_numpy_eq9(gamma):
     p, y = random_case(3, batch=3, lo=0.0, hi=1.0)
@@ -665,7 +742,17 @@ def test_ce_dice_is_cross_entropy_plus_dice_of_softmax():
 
 
 def test_registry_holds_the_design_losses():
-    assert {"polydice", "dice", "focal", "ce_dice", "pm_dice", "dsc_pp"} <= set(LOSSES)
+    assert {"polydice", "dice", "focal", "ce_dice", "pm_dice", "dsc_pp", "dice_linear"} <= set(LOSSES)
+    assert isinstance(build_loss("dice_linear"), SegmentationLoss)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_config_method_builds_a_per_image_loss(method):
+    """build_method_loss reaches every TrainConfig method (the training command line offers them all)."""
+    logits, y = _logits_and_target(8)
+    loss = build_method_loss(TrainConfig(method=method))
+    assert isinstance(loss, SegmentationLoss)
+    assert loss(logits, y).shape == (3,)
 
 
 def test_build_loss_unknown_name_lists_valid_names():
@@ -705,6 +792,7 @@ def test_modules_equal_functions_on_softmax_channel_1():
     torch.testing.assert_close(build_loss("dice")(logits, y), dice_loss(p, y))
     torch.testing.assert_close(build_loss("pm_dice", gamma=2.0)(logits, y), pm_dice_loss(p, y, 2.0))
     torch.testing.assert_close(build_loss("dsc_pp", gamma=1.5)(logits, y), dsc_pp_loss(p, y, 1.5))
+    torch.testing.assert_close(build_loss("dice_linear")(logits, y), dice_linear_loss(p, y))
     torch.testing.assert_close(build_loss("focal", gamma=0.5)(logits, y), focal_loss(logits, y, 0.5))
 
 

@@ -27,7 +27,9 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
 
+import comparison  # noqa: E402
 import report  # noqa: E402
+from polydice.config import SELECTION_SEED_OFFSET, SELECTION_TAG  # noqa: E402
 
 FOLDS, PER_FOLD = 5, 4
 N_IMAGES = FOLDS * PER_FOLD
@@ -126,6 +128,9 @@ def write_study(root: Path) -> list[Path]:
                 write_run(direct, label, fold)
             else:
                 write_run(grid / "baselines" / f"trial_{k}_{fold}_e5f6", label, fold)
+    for fold in range(FOLDS):  # the independent Dice-loss replicate that selects the hard set
+        write_run(grid / "baselines" / f"trial_select_{fold}_e5f6", "dice", fold,
+                  config={"tag": SELECTION_TAG, "seed": SELECTION_SEED_OFFSET})
     return [final, grid, direct]
 
 
@@ -152,10 +157,11 @@ def test_run_label():
 
 def test_every_method_has_a_row_with_mean_and_sample_std(study):
     _, out, table, md = study
-    assert set(table["label"]) == set(METHODS) | {"polydice-oracle (eps=+0.2)"}
+    assert set(table["label"]) == set(METHODS) | {"polydice-oracle (eps=+0.2)", "polydice-eps-val"}
     for label, (mean, std) in EXPECTED_DICE.items():
         r = row(table, label)
-        assert r["folds"] == FOLDS
+        assert r["folds"] == FOLDS and r["n_seeds"] == r["max_seeds"] == 1 and r["n_runs"] == FOLDS
+        assert r["dice_pooled_mean"] == pytest.approx(image_dice(label).mean())
         assert r["dice_mean"] == pytest.approx(mean, rel=1e-9)
         assert r["dice_std"] == pytest.approx(std, rel=1e-8)
         assert r["iou_mean"] == pytest.approx(mean - 0.1, rel=1e-9)
@@ -189,33 +195,61 @@ def test_oracle_is_the_eps_with_the_best_test_dice(study):
 
 
 def test_paired_tests_match_scipy(study):
+    # One seed: the run pairs are the folds, each a fold's mean over its images.
     _, _, table, _ = study
     ref = image_dice("adaptive-tuned")
     ref_folds = ref.reshape(FOLDS, PER_FOLD).mean(1)
     for label in list(METHODS)[1:]:
         r, values = row(table, label), image_dice(label)
+        folds = values.reshape(FOLDS, PER_FOLD).mean(1)
         assert r["reference"] == "adaptive-tuned"
-        assert r["n_pairs"] == N_IMAGES and r["folds_shared"] == FOLDS
+        assert r["n_pairs"] == FOLDS and r["n_units_paired"] == N_IMAGES and r["folds_shared"] == FOLDS
         assert r["dice_diff_mean"] == pytest.approx((values - ref).mean())
-        assert r["wilcoxon_p"] == pytest.approx(stats.wilcoxon(values, ref).pvalue, rel=1e-12)
-        expected_t = stats.ttest_rel(values.reshape(FOLDS, PER_FOLD).mean(1), ref_folds).pvalue
-        assert r["ttest_p"] == pytest.approx(expected_t, rel=1e-9)
+        assert r["wilcoxon_p"] == pytest.approx(stats.wilcoxon(folds, ref_folds).pvalue, rel=1e-12)
+        assert r["wilcoxon_p"] >= 0.0625  # 5 pairs: a two-sided signed-rank p cannot go lower
+        assert r["fixed_networks_wilcoxon_p"] == pytest.approx(stats.wilcoxon(values, ref).pvalue, rel=1e-12)
+        assert r["ttest_p"] == pytest.approx(stats.ttest_rel(folds, ref_folds).pvalue, rel=1e-9)
     reference = row(table, "adaptive-tuned")
     assert np.isnan(reference["wilcoxon_p"]) and reference["n_pairs"] == 0
 
 
+def test_run_pairs_match_fold_and_seed(tmp_path):
+    # Two seeds per fold; the method's seed-1 runs are 0.1 better: pairs are matched by (fold, seed).
+    for fold in range(3):
+        for seed in (0, 1):
+            write_run(tmp_path / f"a{fold}{seed}", "adaptive-tuned", fold, config={"seed": seed})
+            dice = image_dice("dice")[fold * PER_FOLD:(fold + 1) * PER_FOLD] + 0.1 * seed
+            write_run(tmp_path / f"d{fold}{seed}", "dice", fold, dice=dice, config={"seed": seed})
+    table, _ = report.build_table(*(lambda r: (r, report.load_per_image(r)))(report.collect_runs([tmp_path])))
+    r = row(table, "dice")
+    assert r["n_pairs"] == 6 and r["n_seeds"] == 2 and r["n_runs"] == 6
+    ref, dice = image_dice("adaptive-tuned")[:12].reshape(3, PER_FOLD), image_dice("dice")[:12].reshape(3, PER_FOLD)
+    diffs = np.concatenate([dice.mean(1) - ref.mean(1), dice.mean(1) + 0.1 - ref.mean(1)])
+    assert r["dice_diff_mean"] == pytest.approx(diffs.mean())
+    assert r["wilcoxon_p"] == pytest.approx(stats.wilcoxon(diffs).pvalue, rel=1e-12)
+    in_pair_order = diffs.reshape(2, 3).T.ravel()  # (fold 0, seed 0), (fold 0, seed 1), (fold 1, seed 0), ...
+    assert (r["dice_diff_ci_low"], r["dice_diff_ci_high"]) == comparison.bootstrap_ci(in_pair_order)
+    folds = (dice.mean(1) + 0.05) - ref.mean(1)  # each fold's runs averaged over the two seeds
+    assert r["ttest_p"] == pytest.approx(stats.ttest_1samp(folds, 0).pvalue, rel=1e-9)
+    # The reference lacks seed 1 in fold 2: that run of dice is unpaired, with a warning.
+    (tmp_path / "a21" / "summary.json").unlink()
+    with pytest.warns(report.ReportWarning, match=r"fold/seed \[\(2, 1\)\]"):
+        table, _ = report.build_table(*(lambda r: (r, report.load_per_image(r)))(report.collect_runs([tmp_path])))
+    assert row(table, "dice")["n_pairs"] == 5
+
+
 def test_paired_wilcoxon_edge_cases():
-    assert report.paired_wilcoxon([0.5, 0.7, 0.9], [0.5, 0.7, 0.9]) == (1.0, 0.0, 3)
-    p, diff, n = report.paired_wilcoxon([], [])
+    assert comparison.paired_wilcoxon([0.5, 0.7, 0.9], [0.5, 0.7, 0.9]) == (1.0, 0.0, 3)
+    p, diff, n = comparison.paired_wilcoxon([], [])
     assert math.isnan(p) and n == 0
-    assert math.isnan(report.fold_ttest([0.8, 0.9], [0.7, 0.8]))  # fewer than 3 folds
-    assert report.fold_ttest([0.8, 0.9, 0.7], [0.8, 0.9, 0.7]) == 1.0
+    assert math.isnan(comparison.fold_ttest([0.8, 0.9], [0.7, 0.8]))  # fewer than 3 folds
+    assert comparison.fold_ttest([0.8, 0.9, 0.7], [0.8, 0.9, 0.7]) == 1.0
 
 
 def test_common_hardest_quartile_is_one_set_for_all_methods(study):
     dirs, _, table, md = study
     runs = report.collect_runs(dirs)
-    _, hardest = report.common_hardest(report.load_per_image(runs))
+    _, hardest = comparison.common_hardest(report.load_per_image(runs))
     assert hardest == {"synthetic": HARDEST}
     for label in METHODS:
         r = row(table, label)
@@ -227,7 +261,7 @@ def test_common_hardest_quartile_is_one_set_for_all_methods(study):
 def test_search_trials_and_checkpoint_copies_are_not_runs(study, recwarn):
     dirs, *_ = study
     runs = report.collect_runs(dirs)
-    assert len(runs) == len(METHODS) * FOLDS
+    assert len(runs) == (len(METHODS) + 1) * FOLDS  # with the dice-select replicates
     assert "adaptive-search" not in set(runs["label"])
     assert not any(issubclass(w.category, report.ReportWarning) for w in recwarn)
     adaptive0 = runs[(runs["label"] == "adaptive-tuned") & (runs["fold"] == 0)]["run_dir"].item()
@@ -286,7 +320,7 @@ def test_oracle_is_picked_per_dataset(study, tmp_path):
     oracles = table[table["oracle"]].set_index("dataset")["label"].to_dict()
     assert oracles == {"synthetic": "polydice-oracle (eps=+0.2)", "kvasir": "polydice-oracle (eps=-0.1)"}
     kvasir = table[table["dataset"] == "kvasir"].set_index("label")
-    assert kvasir.loc["polydice-eps-0.1", "n_pairs"] == 3 * PER_FOLD  # paired within its own dataset
+    assert kvasir.loc["polydice-eps-0.1", "n_pairs"] == 3  # paired within its own dataset: 3 folds, 1 seed
     assert "## kvasir" in md and "## synthetic" in md and "`kvasir`: 3 folds" in md
 
 
@@ -295,7 +329,8 @@ def test_reference_option(study, tmp_path):
     table = pd.read_csv(report.make_report(dirs, tmp_path / "out", reference="dice").with_name("table.csv"))
     r = row(table, "adaptive-tuned")
     assert r["reference"] == "dice"
-    assert r["wilcoxon_p"] == pytest.approx(stats.wilcoxon(image_dice("adaptive-tuned"), image_dice("dice")).pvalue)
+    folds = [image_dice(x).reshape(FOLDS, PER_FOLD).mean(1) for x in ("adaptive-tuned", "dice")]
+    assert r["wilcoxon_p"] == pytest.approx(stats.wilcoxon(*folds).pvalue)
     with pytest.raises(ValueError, match="'focal' is not among the labels"):
         report.make_report(dirs, tmp_path / "out2", reference="focal")
 
@@ -334,7 +369,7 @@ def test_optuna_single_trial_gives_a_note_instead_of_importances(study, tmp_path
     url = f"sqlite:///{tmp_path / 'search.db'}"
     toy_study(url, "one", 1)
     out = tmp_path / "out"
-    md = report.make_report(dirs, out, optuna_storage=url, study_name="one").read_text()
+    md = report.make_report(dirs, out, optuna_storage=url, study_names=["one"]).read_text()
     assert (out / "search_history_one.png").exists()
     assert not (out / "importances.csv").exists()
     assert "no parameter importances (1 completed trial)" in md
@@ -389,19 +424,19 @@ def holm_by_hand(p: list[float]) -> list[float]:
     ([], []),
 ])
 def test_holm_hand_worked(p, expected):
-    np.testing.assert_allclose(report.holm(p), expected, rtol=1e-12)
+    np.testing.assert_allclose(comparison.holm(p), expected, rtol=1e-12)
 
 
 def test_table_p_values_are_holm_adjusted_across_the_methods(study):
     _, _, table, md = study
     compared = table[~table["oracle"] & (table["label"] != "adaptive-tuned")]
-    assert len(compared) == 4
+    assert len(compared) == 5  # with polydice-eps-val
     for column in ("wilcoxon_p", "ttest_p", "dice_loss_hard_wilcoxon_p"):
         np.testing.assert_allclose(compared[f"{column}_holm"], holm_by_hand(list(compared[column])), rtol=1e-12)
         assert (compared[f"{column}_holm"] >= compared[column]).all()
     oracle, fixed = table[table["oracle"]].iloc[0], row(table, "polydice-eps+0.2")
     assert oracle["wilcoxon_p_holm"] == fixed["wilcoxon_p_holm"]  # a copy, not a fifth member
-    assert "m = 4 in `synthetic`" in md and "oracle row repeats its fixed-ε row" in md
+    assert "m = 5 in `synthetic`" in md and "oracle row repeats its fixed-ε row" in md
     assert "No correction" not in md
     header = [c.strip() for c in next(x for x in md.splitlines() if x.startswith("| Method")).split("|")]
     cells = [c.strip() for c in next(x for x in md.splitlines() if x.startswith("| dice |")).split("|")]
@@ -413,11 +448,11 @@ def test_table_p_values_are_holm_adjusted_across_the_methods(study):
 
 def test_bootstrap_ci_is_bca_reproducible_and_covers_the_mean():
     diff = np.array([0.01, 0.02, -0.01, 0.03, 0.15, 0.00, 0.04, 0.21])  # skewed: BCa ≠ percentile
-    low, high = report.bootstrap_ci(diff)
+    low, high = comparison.bootstrap_ci(diff)
     assert low < diff.mean() < high
-    assert report.bootstrap_ci(diff) == (low, high)
+    assert comparison.bootstrap_ci(diff) == (low, high)
     expected = stats.bootstrap((diff,), np.mean, n_resamples=9999, method="BCa",
-                               **{report._BOOTSTRAP_RNG: np.random.default_rng(0)}).confidence_interval
+                               **{comparison._BOOTSTRAP_RNG: np.random.default_rng(0)}).confidence_interval
     assert (low, high) == pytest.approx((expected.low, expected.high), rel=1e-12)
     assert (low, high) == pytest.approx((0.01625, 0.12625), rel=1e-9)  # the BCa interval, shifted to the long tail
 
@@ -425,17 +460,17 @@ def test_bootstrap_ci_is_bca_reproducible_and_covers_the_mean():
 def test_bootstrap_ci_edge_cases_give_no_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert all(math.isnan(v) for v in report.bootstrap_ci([]))
-        assert all(math.isnan(v) for v in report.bootstrap_ci([0.1]))
-        assert report.bootstrap_ci([0.02, 0.02, 0.02]) == (0.02, 0.02)
+        assert all(math.isnan(v) for v in comparison.bootstrap_ci([]))
+        assert all(math.isnan(v) for v in comparison.bootstrap_ci([0.1]))
+        assert comparison.bootstrap_ci([0.02, 0.02, 0.02]) == (0.02, 0.02)
 
 
 def test_table_ci_brackets_the_mean_difference(study):
     _, _, table, md = study
     for label in list(METHODS)[1:]:
         r = row(table, label)
-        diff = image_dice(label) - image_dice("adaptive-tuned")
-        assert (r["dice_diff_ci_low"], r["dice_diff_ci_high"]) == report.bootstrap_ci(diff)
+        diff = (image_dice(label) - image_dice("adaptive-tuned")).reshape(FOLDS, PER_FOLD).mean(1)  # per run pair
+        assert (r["dice_diff_ci_low"], r["dice_diff_ci_high"]) == comparison.bootstrap_ci(diff)
         assert r["dice_diff_ci_low"] < r["dice_diff_mean"] < r["dice_diff_ci_high"]
         assert r["pair_unit"] == "image" and r["n_images_paired"] == N_IMAGES
     r = row(table, "dice")
@@ -470,15 +505,21 @@ def test_cvc_is_paired_per_video_sequence(tmp_path):
     md = report.make_report([write_cvc(tmp_path / "cvc")], tmp_path / "out").read_text()
     r = row(pd.read_csv(tmp_path / "out" / "table.csv"), "dice")
     assert r["pair_unit"] == "sequence"
-    assert r["n_pairs"] == 6 and r["n_images_paired"] == 12  # per image it would be 12 pairs
+    # 3 run pairs (one seed, three folds) over 6 sequences (12 frames)
+    assert r["n_pairs"] == 3 and r["n_units_paired"] == 6 and r["n_images_paired"] == 12
     assert r["dice_diff_mean"] == pytest.approx(CVC_SEQUENCE_DIFF.mean(), rel=1e-9)  # −0.13 / 6, not −0.0275
-    assert r["wilcoxon_p"] == pytest.approx(stats.wilcoxon(CVC_SEQUENCE_DIFF).pvalue, rel=1e-9)
+    per_fold = CVC_SEQUENCE_DIFF.reshape(3, 2).mean(1)  # each run's mean over its two sequences
+    assert r["wilcoxon_p"] == pytest.approx(stats.wilcoxon(per_fold).pvalue, rel=1e-9)
+    assert r["fixed_networks_wilcoxon_p"] == pytest.approx(stats.wilcoxon(CVC_SEQUENCE_DIFF).pvalue, rel=1e-9)
     assert r["dice_diff_ci_low"] < r["dice_diff_mean"] < r["dice_diff_ci_high"]
     assert "`cvc`: 3 folds (0, 1, 2), 12 test images" in md
     assert "paired per video sequence (n = 6 sequences)" in md
-    assert "| 6 sequences |" in md
-    # The Dice-loss hard set: one frame in each of sequences 1, 2 and 4.
+    assert "| 3 run pairs (6 sequences) |" in md
+    assert "sequences, not patients" in md
+    # The Dice-loss hard set (of the dice runs themselves: no dice-select here): one frame in each
+    # of sequences 1, 2 and 4, one per fold.
     assert r["dice_loss_hard_n_pairs"] == 3 and r["dice_loss_hard_n_images_paired"] == 3
+    assert r["dice_loss_hard_source"] == comparison.SOURCE_OWN and math.isnan(r["dice_loss_hard_wilcoxon_p"])
     assert r["dice_loss_hard_dice"] == pytest.approx(CVC_DICE[CVC_DICE_HARD].mean())
     assert r["dice_loss_hard_dice_diff_mean"] == pytest.approx(-CVC_GAIN[CVC_DICE_HARD].mean())  # −0.05
     ref = row(pd.read_csv(tmp_path / "out" / "table.csv"), "adaptive-tuned")
@@ -488,20 +529,20 @@ def test_cvc_is_paired_per_video_sequence(tmp_path):
 def test_kvasir_like_groups_are_paired_per_image(study):
     _, _, table, md = study
     assert set(table["pair_unit"]) == {"image"}
-    assert "paired per image (n = 20 images)" in md and "| 20 images |" in md
+    assert "paired per image (n = 20 images)" in md and "| 5 run pairs (20 images) |" in md
 
 
 def test_per_image_csv_without_groups(tmp_path):
     # One older run without the column: the groups come from the other run's per_image.csv.
     with pytest.warns(report.ReportWarning, match="taken from the other runs"):
         report.make_report([write_cvc(tmp_path / "a", dice_groups=False)], tmp_path / "out_a")
-    assert row(pd.read_csv(tmp_path / "out_a" / "table.csv"), "dice")["n_pairs"] == 6
+    assert row(pd.read_csv(tmp_path / "out_a" / "table.csv"), "dice")["n_units_paired"] == 6
     # No run knows the sequences: per image, and the report says so.
     with pytest.warns(report.ReportWarning, match="paired per image, not per video sequence"):
         md = report.make_report([write_cvc(tmp_path / "b", dice_groups=False, adaptive_groups=False)],
                                 tmp_path / "out_b").read_text()
     r = row(pd.read_csv(tmp_path / "out_b" / "table.csv"), "dice")
-    assert r["pair_unit"] == "image" and r["n_pairs"] == 12
+    assert r["pair_unit"] == "image" and r["n_units_paired"] == 12 and r["n_pairs"] == 3
     assert r["dice_diff_mean"] == pytest.approx(-CVC_GAIN.mean())
     assert "paired per image (n = 12 images)" in md
     assert "## Warnings" in md and "not per video sequence" in md.split("## Warnings")[1]
@@ -512,10 +553,13 @@ def test_per_image_csv_without_groups(tmp_path):
 DICE_HARD = [1, 5, 9, 13, 17]  # offset −0.04 of the dice method: 0.71 … 0.75, below every other image
 
 
-def test_dice_loss_hard_set_is_the_baseline_bottom_quartile(study):
+def test_dice_loss_hard_set_is_the_selection_replicate_bottom_quartile(study):
+    # The dice-select runs have the dice method's values here, so their bottom quarter is DICE_HARD,
+    # one image per fold: each run pair's hard-set mean is that one image.
     dirs, _, table, md = study
-    _, hard, missing = report.dice_loss_hardest(report.load_per_image(report.collect_runs(dirs)))
-    assert hard == {"synthetic": DICE_HARD} and missing == {}
+    _, hard, source, missing = comparison.hard_set(report.load_per_image(report.collect_runs(dirs)))
+    assert hard == {"synthetic": DICE_HARD} and source == {"synthetic": SELECTION_TAG} and missing == {}
+    assert SELECTION_TAG not in set(table["label"]) and "only choose the hard set" in md
     ref = image_dice("adaptive-tuned")[DICE_HARD]
     for label in METHODS:
         r, values = row(table, label), image_dice(label)[DICE_HARD]
@@ -524,9 +568,9 @@ def test_dice_loss_hard_set_is_the_baseline_bottom_quartile(study):
         if label != "adaptive-tuned":
             assert r["dice_loss_hard_dice_diff_mean"] == pytest.approx((values - ref).mean())
             assert r["dice_loss_hard_wilcoxon_p"] == pytest.approx(stats.wilcoxon(values, ref).pvalue)
-            assert r["dice_loss_hard_n_pairs"] == len(DICE_HARD)
+            assert r["dice_loss_hard_n_pairs"] == FOLDS
     assert f"{row(table, 'dice')['dice_loss_hard_dice']:.4f} (n=5)" in md
-    assert "Dice-loss hardest 25 % Dice³" in md and "5 images of `synthetic`" in md.split("³ Dice-loss")[1]
+    assert "Dice-loss hardest 25 % Dice³" in md and "`synthetic`: 5 images, chosen by the `dice-select` runs" in md.split("³ Dice-loss")[1]
     # the two existing difficulty columns keep their labels
     assert "Hardest 25 % Dice (own)¹" in md and "Hardest 25 % Dice (common)²" in md
 
@@ -537,7 +581,8 @@ def test_dice_loss_hard_ties_go_to_the_lower_index():
         "index": [7, 6, 5, 4, 3, 2, 1, 0, 0, 1, 2, 3, 4], "group": 0,
         "dice": [0.5, 0.3, 0.3, 0.9, 0.3, 0.8, 0.7, 0.6, 0.1, 0.2, 0.3, 0.4, 0.5], "difficulty": 1.0,
     })
-    frame, hard, _ = report.dice_loss_hardest(per_image)
+    frame, hard, source, _ = comparison.hard_set(per_image)
+    assert source == {"kvasir": comparison.SOURCE_OWN}
     assert hard == {"kvasir": [3, 5]}  # round(8 / 4) = 2 of the three at 0.3: indices 3 and 5, not 6
     other = frame.set_index("label").loc["other"]
     assert other["dice_loss_hard_n_images"] == 1 and other["dice_loss_hard_dice"] == pytest.approx(0.4)
@@ -548,7 +593,7 @@ def test_without_a_dice_loss_run_the_column_says_so(tmp_path):
     table = pd.read_csv(tmp_path / "out" / "table.csv")
     assert table["dice_loss_hard_dice"].isna().all()
     line = next(x for x in md.splitlines() if x.startswith("| **adaptive-tuned**"))
-    assert line.count("no Dice-loss run (`dice`)") == 2
+    assert line.count("no Dice-loss run (`dice-select` or `dice`)") == 2
     assert "No set for `cvc`: no Dice-loss run" in md
 
 
@@ -576,7 +621,8 @@ def test_single_fold_search_is_labelled(tmp_path):
     assert "| **adaptive-tuned-fold2** (reference; searched and tested on fold 2 only) | 1 |" in md
     assert "searched and tested on fold 2 only (a single-fold search)" in md
     r = row(pd.read_csv(tmp_path / "out" / "table.csv"), "dice")
-    assert r["reference"] == "adaptive-tuned-fold2" and r["folds_shared"] == 1 and r["n_pairs"] == PER_FOLD
+    assert r["reference"] == "adaptive-tuned-fold2" and r["folds_shared"] == 1 and r["n_pairs"] == 1
+    assert r["n_units_paired"] == PER_FOLD
     assert math.isnan(r["ttest_p"])  # one shared fold
 
 
