@@ -748,3 +748,82 @@ def test_best_config_fold_with_bad_value_is_kept_as_missing(study, tmp_path):
     spread = pd.read_csv(tmp_path / "out" / "best_config_spread.csv").set_index("parameter")
     assert spread.loc["value", "n_folds"] == 2 and spread.loc["value", "mean"] == pytest.approx(0.72)
     assert spread.loc["k", "n_folds"] == 3
+
+
+# ----------------------------------------------------------------------------- splits, tuning, selection
+
+
+def test_runs_with_different_splits_are_refused_naming_both(tmp_path):
+    write_run(tmp_path / "a", "adaptive-tuned", 0)
+    write_run(tmp_path / "b", "dice", 0, config={"split_seed": 1})
+    with pytest.raises(ValueError, match=r"split_seed 0 against 1\): .*/a and .*/b"):
+        report.make_report([tmp_path], tmp_path / "out")
+    (tmp_path / "b" / "summary.json").unlink()
+    write_run(tmp_path / "c", "dice", 0, config={"folds": 4})
+    with pytest.raises(ValueError, match="folds 5 against 4"):
+        report.make_report([tmp_path], tmp_path / "out")
+
+
+def test_a_field_missing_from_a_summary_is_not_a_difference(tmp_path):
+    write_run(tmp_path / "a", "adaptive-tuned", 0)
+    folder = write_run(tmp_path / "b", "dice", 0)
+    summary = json.loads((folder / "summary.json").read_text())
+    del summary["config"]["split_seed"], summary["n_train"]
+    (folder / "summary.json").write_text(json.dumps(summary))
+    report.make_report([tmp_path], tmp_path / "out")  # no error
+
+
+def test_other_settings_that_differ_are_a_warning(tmp_path):
+    write_run(tmp_path / "a", "adaptive-tuned", 0, config={"image_size": 224})
+    write_run(tmp_path / "b", "dice", 0, config={"image_size": 64})
+    with pytest.warns(report.ReportWarning, match="different image_size: 64 \\(1 runs\\), 224 \\(1 runs\\)"):
+        md = report.make_report([tmp_path], tmp_path / "out").read_text()
+    assert "different image_size" in md.split("## Warnings")[1]
+
+
+def test_eps_val_picks_the_best_validation_eps_per_fold_not_the_best_test(tmp_path):
+    # ε = +0.2 has the best test Dice everywhere; on validation ε = −0.1 wins in folds 0–1, +0.0 in fold 2.
+    val = {"polydice-eps-0.1": (0.9, 0.9, 0.1), "polydice-eps+0.0": (0.5, 0.5, 0.8), "polydice-eps+0.2": (0.2,) * 3}
+    for label, by_fold in val.items():
+        for fold in range(3):
+            folder = write_run(tmp_path / f"{label}_{fold}", label, fold)
+            summary = json.loads((folder / "summary.json").read_text())
+            summary["val_dice"] = by_fold[fold]
+            (folder / "summary.json").write_text(json.dumps(summary))
+    for fold in range(3):
+        write_run(tmp_path / f"ref_{fold}", "adaptive-tuned", fold)
+    md = report.make_report([tmp_path], tmp_path / "out").read_text()
+    table = pd.read_csv(tmp_path / "out" / "table.csv")
+    picked = row(table, "polydice-eps-val")
+    expected = np.concatenate([image_dice("polydice-eps-0.1")[:8], image_dice("polydice-eps+0.0")[8:12]])
+    assert picked["dice_pooled_mean"] == pytest.approx(expected.mean())
+    assert picked["tuning_budget"] == 3 and picked["tuned_on"] == "validation" and not picked["oracle"]
+    assert not np.isnan(picked["wilcoxon_p_holm"])  # a method, in the Holm family
+    assert "fixed ε picked on validation per fold: -0.1, -0.1, +0.0" in md
+    oracle = table[table["oracle"]].iloc[0]
+    assert oracle["label"] == "polydice-oracle (eps=+0.2)" and oracle["tuned_on"] == "test"
+
+
+def test_tuning_budget_of_the_search_comes_from_best_config(study, tmp_path):
+    dirs, *_ = study
+    best = tmp_path / "best_config.json"
+    best.write_text(json.dumps({"protocol": "nested", "folds": {
+        str(f): {"study_name": f"adaptive-fold{f}", "value": 0.8, "params": {"k": 2.0}, "n_trials": 32 - (f == 3)}
+        for f in range(FOLDS)}}))
+    md = report.make_report(dirs, tmp_path / "out", best_config=best).read_text()
+    table = pd.read_csv(tmp_path / "out" / "table.csv")
+    assert row(table, "adaptive-tuned")["tuning_budget"] == "31–32"
+    assert row(table, "dice")["tuning_budget"] == "1" and row(table, "dice")["tuned_on"] == "none"
+    assert "| **adaptive-tuned** (reference) | 5 | 1 | 31–32 (validation) |" in md
+
+
+def test_a_selection_run_sharing_a_compared_seed_gives_no_hard_set_p(tmp_path):
+    for fold in range(3):
+        write_run(tmp_path / f"ref_{fold}", "adaptive-tuned", fold)
+        write_run(tmp_path / f"dice_{fold}", "dice", fold)
+        write_run(tmp_path / f"sel_{fold}", "dice", fold, config={"tag": SELECTION_TAG, "seed": 0})
+    with pytest.warns(report.ReportWarning, match="share a fold and seed with a compared run"):
+        report.make_report([tmp_path], tmp_path / "out")
+    table = pd.read_csv(tmp_path / "out" / "table.csv")
+    assert table["dice_loss_hard_wilcoxon_p"].isna().all()
+    assert row(table, "dice")["dice_loss_hard_n_pairs"] == 3
