@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -199,15 +200,24 @@ class Ensemble:
         }
 
 
+# Config fields in which seed replicates of one configuration may differ: the seed, and where and
+# how it was trained.
+REPLICATE_FIELDS = ("seed", "device", "amp", "channels_last", "compile", "num_workers", "mc_memory_gb",
+                    "data_dir", "tensorboard", "log_maps", "log_every")
+
+
 def load_ensemble(path: str | Path, method: str | None = None) -> Ensemble:
     """The models that ``path`` names (see :func:`find_model_files`), on the CPU.
 
     With models of several methods under ``path`` (a baseline grid), ``method`` picks one by its
-    label (the run's ``tag``) or its method name.
+    label (the run's ``tag``) or its method name. Several models of one fold are ensembled when
+    they are seed replicates, configurations equal but for the seed (a study's ``--seeds``):
+    every fold's replicates are then members, as the folds are.
 
     Raises:
         PredictError: no model file; several methods and no (or no matching) ``method``; two
-            models of the same fold; members trained at different image sizes.
+            models of the same fold that are not seed replicates (a search's trials, or two copies
+            of one run); members trained at different image sizes.
         ModelFileError: a model file that is corrupt, of another format or architecture.
     """
     loaded = []
@@ -227,14 +237,18 @@ def load_ensemble(path: str | Path, method: str | None = None) -> Ensemble:
         raise PredictError(f"{path} holds models of several methods; {hint} {', '.join(labels)}")
     by_fold: dict = {}
     for _, info, file in loaded:
-        by_fold.setdefault(info["config"].get("fold"), []).append(file)
-    repeated = {fold: files for fold, files in by_fold.items() if len(files) > 1}
-    if repeated:
-        fold, files = next(iter(repeated.items()))
-        raise PredictError(
-            f"{path} holds {len(files)} {labels[0]} models of fold {fold} ({files[0]}, {files[1]}, ...); "
-            "an ensemble takes one model per fold: pass a single run folder or the final runs' folder"
-        )
+        by_fold.setdefault(info["config"].get("fold"), []).append((info, file))
+    for fold, members in by_fold.items():
+        seeds = [info["config"].get("seed") for info, _ in members]
+        others = {json.dumps({k: v for k, v in info["config"].items() if k not in REPLICATE_FIELDS}, sort_keys=True)
+                  for info, _ in members}
+        if len(members) > 1 and (len(others) > 1 or len(set(seeds)) < len(seeds)):
+            files = [file for _, file in members]
+            raise PredictError(
+                f"{path} holds {len(files)} {labels[0]} models of fold {fold} ({files[0]}, {files[1]}, ...) that are "
+                "not seed replicates of one configuration; an ensemble takes one configuration per fold: pass a "
+                "single run folder or the final runs' folder"
+            )
     sizes = sorted({int(info["config"]["image_size"]) for _, info, _ in loaded})
     if len(sizes) > 1:
         raise PredictError(f"the models in {path} were trained at different image sizes {sizes}; ensemble them separately")

@@ -68,13 +68,15 @@ def paired_wilcoxon(values, reference) -> tuple[float, float, int]:
     """Two-sided Wilcoxon signed-rank test of paired values (one pair per independent unit).
 
     Returns:
-        ``(p, mean difference values − reference, n pairs)``; p = 1 when every difference is 0 and
-        NaN without pairs.
+        ``(p, mean difference values − reference, n pairs)``; p = 1 when every difference is 0,
+        NaN for a single pair (no test) and without pairs.
     """
     values, reference = np.asarray(values, float), np.asarray(reference, float)
     diff = values - reference
     if len(diff) == 0:
         return math.nan, math.nan, 0
+    if len(diff) == 1:
+        return math.nan, float(diff[0]), 1
     if np.all(diff == 0):
         return 1.0, 0.0, len(diff)
     return float(stats.wilcoxon(values, reference).pvalue), float(diff.mean()), len(diff)

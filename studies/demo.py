@@ -6,14 +6,17 @@
 On one fold of the synthetic set (nothing to download), it runs
 
 1. the baselines ``dice`` and ``polydice-eps+0.0`` (PolyDice-1 with ε = 0) with
-   ``studies/grid_baselines.py``,
+   ``studies/grid_baselines.py``, and the ``dice-select`` run, a Dice-loss replicate with a seed of
+   its own whose worst test images are the report's hard set,
 2. an Optuna search of the adaptive controller on that fold's training part, scored on its
    validation split, and the best configuration tested on the fold (``studies/tune_adaptive.py
    --search-fold``),
 3. the report comparing the three on the same test images,
 
 each run under its own name (``demo-<date>-<time>``), so the demo can be run again and again.
-A full study searches every outer fold (nested cross-validation): see the README.
+Every method trains once (``--seeds 1``): one fold and one seed make one run pair per comparison,
+which shows a difference but cannot test it. A full study searches every outer fold (nested
+cross-validation) and trains every method with 3 seeds: see the README.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import tune_adaptive
 
 # Sized to learn on two CPU cores in a few minutes: 64 px, a slim U-Net, a higher learning rate.
 DEMO = ["--image-size", "64", "--base-channels", "8", "--batch-size", "16", "--epochs", "20", "--lr", "3e-3",
-        "--mc-samples", "4"]
+        "--mc-samples", "4", "--seeds", "1"]
 FOLD = 0
 
 

@@ -1095,7 +1095,7 @@ def make_report(
         select = runs[runs["label"] == SELECTION_TAG]
         md.append(f"Compared: {len(labels)} methods ({', '.join(f'`{x}`' for x in labels)}), results from "
                   + ", ".join(f"`{d}`" for d in results_dirs) + "."
-                  + (f" The {_count(len(select), 'run')} `{SELECTION_TAG}` only choose the hard set (³)." if len(select) else ""))
+                  + (f" `{SELECTION_TAG}` ({_count(len(select), 'run')}) only chooses the hard set (³)." if len(select) else ""))
         md.append("")
         for dataset, sub in compared.groupby("dataset"):
             folds = sorted(sub["fold"].unique())
@@ -1105,7 +1105,7 @@ def make_report(
                       f"{unit['n_units']} video sequences, paired per video sequence "
                       f"(n = {_count(unit['n_units'], 'sequence')})")
             seeds = sorted(sub["seed"].unique())
-            md.append(f"- `{dataset}`: {len(folds)} folds ({', '.join(map(str, folds))}), "
+            md.append(f"- `{dataset}`: {_count(len(folds), 'fold')} ({', '.join(map(str, folds))}), "
                       f"{unit['n_images'] if unit else 0} test images (every image is tested once per method "
                       f"and seed across its folds), {len(sub)} runs, seeds {', '.join(map(str, seeds))}; "
                       f"test units {paired}; the tests' unit of inference is the run pair (⁴).")

@@ -12,13 +12,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import storage  # noqa: E402
-from polydice.config import DATASETS, SCALES, TrainConfig  # noqa: E402
+from polydice.config import DATASETS, SCALES, SELECTION_SEED_OFFSET, TrainConfig  # noqa: E402
 
 # --smoke: tiny everything, a first look in a few minutes on a laptop CPU.
 SMOKE = dict(epochs=3, image_size=32, base_channels=4, n_synthetic=40, mc_samples=3, batch_size=8, e0=1, tau=1)
 
 
-def add_common_flags(p: argparse.ArgumentParser) -> None:
+def add_common_flags(p: argparse.ArgumentParser, seeds_help: str) -> None:
+    """The flags of every study script; ``seeds_help`` says which of its runs ``--seeds`` repeats."""
     g = p.add_argument_group("cluster and resources")
     g.add_argument("--address", default=None, help="Ray cluster address host:port (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
     g.add_argument("--num-gpus", type=float, default=None,
@@ -60,7 +61,9 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mc-samples", type=int, default=None,
                    help="T, MC-Dropout passes per ε refresh (default: 10; 3 with --smoke)")
     g.add_argument("--folds", type=int, default=5, help="cross-validation folds (default: 5)")
-    g.add_argument("--seed", type=int, default=0, help="training seed of every run (default: 0)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="base training seed: replicate r of a run (see --seeds) trains with --seed + r (default: 0)")
+    g.add_argument("--seeds", type=int, default=3, metavar="N", help=seeds_help)
     g.add_argument("--polydice-scale", choices=SCALES, default="norm",
                    help="PolyDice scale s: 'norm' is thesis Eq. 2 (Dice = s·cos θ), 'inner' the thesis's printed "
                         "formula, an ablation (default: norm)")
@@ -81,6 +84,21 @@ def base_config(args: argparse.Namespace, **extra) -> TrainConfig:
             values[flag] = getattr(args, flag)
     values.update(extra)
     return TrainConfig.from_dict(values)
+
+
+def replicate_seeds(args: argparse.Namespace) -> list[int]:
+    """The training seeds of a run's replicates, ``--seed + r`` for r < ``--seeds``.
+
+    Raises:
+        ValueError: ``--seeds`` below 1, or so large that a replicate would take the seed of the
+            hard-set selection run (``--seed`` + ``SELECTION_SEED_OFFSET``).
+    """
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.seeds >= SELECTION_SEED_OFFSET:
+        raise ValueError(f"--seeds must be below {SELECTION_SEED_OFFSET}, got {args.seeds}: the seed --seed + "
+                         f"{SELECTION_SEED_OFFSET} is the hard-set selection run's, which no compared run may use")
+    return [args.seed + r for r in range(args.seeds)]
 
 
 def controller_params(config: dict) -> str:
@@ -109,8 +127,12 @@ def progress(args: argparse.Namespace, total: int | None = None) -> dict:
         def _line(self, trials, trial, status):
             done = 1 + sum(1 for t in trials if t is not trial and t.is_finished())
             config, result = trial.config, trial.last_result or {}
-            what = config.get("overrides", {}).get("tag") or controller_params(config)
-            fold = config.get("fold", config.get("overrides", {}).get("fold", "?"))
+            overrides = config.get("overrides", {})
+            what = overrides.get("tag") or controller_params(config)
+            fold = config.get("fold", overrides.get("fold", "?"))
+            seed = overrides.get("seed", config.get("seed"))
+            if seed is not None:  # a replicate; a search trial trains with --seed
+                what = f"seed {seed} {what}"
             score = ""
             val = result.get("best_val_dice", result.get("val_dice"))
             if val is not None:
@@ -144,13 +166,16 @@ def quiet_console(args: argparse.Namespace) -> None:
 
 
 def trial_dirname(trial) -> str:
-    """A trial's folder (and TensorBoard run) named by what it trains: ``dice-fold2-<id>``,
-    ``adaptive-tuned-fold0-<id>``, ``search-fold1-<id>``, not by a dict of overrides."""
+    """A trial's folder (and TensorBoard run) named by what it trains: ``dice-fold2-seed1-<id>``,
+    ``adaptive-tuned-fold0-seed0-<id>``, not by a dict of overrides. A search trial (its sampled
+    parameters at the top of its config, its seed --seed) is ``search-fold1-<id>``."""
     config = trial.config
     overrides = config.get("overrides", {})
     label = overrides.get("tag") or config.get("tag") or ("search" if "k" in config else "trial")
     fold = overrides.get("fold", config.get("fold", "x"))
-    return re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{label}-fold{fold}-{trial.trial_id}")
+    seed = overrides.get("seed", config.get("seed"))
+    replicate = "" if seed is None else f"-seed{seed}"
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{label}-fold{fold}{replicate}-{trial.trial_id}")
 
 
 def redact(url: str) -> str:

@@ -12,7 +12,9 @@
    τ = 10, ε ∈ [0, 0.5]) is evaluated first in each; Optuna's multivariate TPE proposes the rest.
    ``--search-fold F`` searches fold F alone (then only fold F is tested).
 2. Final: fold f's best configuration re-run on fold f and tested on its test part (labelled
-   ``adaptive-tuned``; ``adaptive-tuned-fold<F>`` for a single-fold search).
+   ``adaptive-tuned``; ``adaptive-tuned-fold<F>`` for a single-fold search), once per training seed
+   ``--seed`` + r, r < ``--seeds``, as the baseline grid runs every method, so that the report
+   compares them across training randomness, paired by fold and seed.
 3. Report: the table of the final runs (and of any baseline grid passed with ``--compare``), with
    each fold's best configuration and how much they differ.
 
@@ -63,7 +65,9 @@ METRIC, MODE = "best_val_dice", "max"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    study_cli.add_common_flags(p)
+    study_cli.add_common_flags(p, seeds_help=(
+        "training replicates of the final runs: each fold's best configuration(s) (see --final-top) re-run "
+        "once per seed --seed + r, r < N; the search trials train with --seed alone (default: 3)"))
     g = p.add_argument_group("search")
     g.add_argument("--num-samples", type=int, default=None,
                    help="trials of each fold's search (default: 32; 3 with --smoke)")
@@ -196,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     study_cli.quiet_console(args)
     num_samples = args.num_samples or (3 if args.smoke else 32)
+    try:
+        seeds = study_cli.replicate_seeds(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     base = study_cli.base_config(args, method="adaptive", tag="adaptive-search")
     if args.search_fold is not None and not 0 <= args.search_fold < base.folds:
         print(f"error: --search-fold must be in [0, {base.folds}), got {args.search_fold}", file=sys.stderr)
@@ -293,9 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         final_base = base.replace(tag=tuned_tag(args, 0))
         final_trainable = make_trainable(final_base, data, cpus_per_trial=cpus, gpus_per_trial=gpus,
                                          evaluate_test=True, checkpoint_every=args.checkpoint_every)
-        # One run per (fold, rank): fold f's own best configurations, tested on fold f only.
-        overrides = [dict(top["params"], fold=fold, tag=tuned_tag(args, rank))
-                     for fold in folds for rank, top in enumerate(best["folds"][str(fold)]["top"])]
+        # One run per (fold, rank, seed): fold f's own best configurations, tested on fold f only.
+        overrides = [dict(top["params"], fold=fold, tag=tuned_tag(args, rank), seed=seed)
+                     for fold in folds for rank, top in enumerate(best["folds"][str(fold)]["top"]) for seed in seeds]
 
         def new_final() -> tune.Tuner:
             return tune.Tuner(
@@ -307,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                                   **study_cli.progress(args)),
             )
 
-        print(f"final: {len(overrides)} runs, each fold's best configuration tested on that fold")
+        print(f"final: {len(overrides)} runs, each fold's best configuration tested on that fold with "
+              f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))})")
         final = restore_or_create(final_path, final_trainable, new_final,
                                   args.resume and tune.Tuner.can_restore(final_path)).fit()
         errors = [r.error for r in final if r.error]

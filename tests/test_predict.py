@@ -24,7 +24,7 @@ import polydice.train as pt
 from polydice.config import TrainConfig
 from polydice.metrics import segmentation_metrics
 from polydice.model import UNet, load_model_file, save_model_file
-from polydice.predict import ARRAYS, CSV_COLUMNS, Ensemble, load_ensemble, main
+from polydice.predict import ARRAYS, CSV_COLUMNS, Ensemble, PredictError, load_ensemble, main
 from polydice.uncertainty import difficulty_scores, mc_samples_of, mutual_information
 
 REPO = Path(__file__).resolve().parents[1]
@@ -346,3 +346,25 @@ def test_command_line_help_states_the_colour_scale():
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
     assert "magma" in text and "ln 2" in text and "--threshold" in text and "auto" in text
+
+
+def test_seed_replicates_of_one_fold_are_ensembled(tmp_path, image_dir, capsys):
+    # A study's final runs with --seeds 2: two models per fold, equal but for the seed.
+    def replicate(path: Path, fold: int, seed: int, **config) -> None:
+        _untrained(path, seed=10 * fold + seed)
+        model, _ = load_model_file(path)
+        save_model_file(path, model.state_dict(), _config(fold=fold, seed=seed, method="adaptive",
+                                                          tag="adaptive-tuned", **config),
+                        epoch=1, val_dice=0.5, threshold=0.5)
+
+    final = tmp_path / "final"
+    for fold in range(2):
+        for seed in range(2):
+            replicate(final / f"trial_{fold}_{seed}" / "model.pt", fold, seed)
+    assert len(load_ensemble(final).models) == 4
+    code, _, err = _predict(capsys, "--model", final, "--images", image_dir, "--out", tmp_path / "out")
+    assert code == 0, err
+    # A fold whose two models differ in more than the seed (a search's trials) is still refused.
+    replicate(final / "trial_0_9" / "model.pt", 0, 9, k=3.0)
+    with pytest.raises(PredictError, match="not seed replicates"):
+        load_ensemble(final)

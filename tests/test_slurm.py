@@ -45,7 +45,7 @@ PROGRAMS = {"sbatch": "slurm-wlm", "slurmctld": "slurm-wlm", "slurmd": "slurm-wl
 MARKER = "POLYDICE_SLURM_TEST"
 STUDY = "slurm-smoke"
 # A small study: one search trial on the first of two folds, then that fold's final run.
-STUDY_FLAGS = ["--smoke", "--num-samples", "1", "--folds", "2", "--search-fold", "0"]
+STUDY_FLAGS = ["--smoke", "--num-samples", "1", "--folds", "2", "--search-fold", "0", "--seeds", "1"]
 JOB_TIMEOUT = 300
 # Job steps' own launchers: they are SLURM's, not Ray's, and bind whatever the host name resolves to.
 SLURM_PROCESSES = {"srun", "slurmstepd", "sbatch"}

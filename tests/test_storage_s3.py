@@ -238,7 +238,7 @@ def test_report_from_s3_to_s3_names_the_uris_without_credentials(s3, tmp_path):
 # ----------------------------------------------------------------------------- a study on S3
 
 
-SMOKE_ARGS = ["--smoke", "--epochs", "3", "--image-size", "32", "--base-channels", "4"]
+SMOKE_ARGS = ["--smoke", "--epochs", "3", "--image-size", "32", "--base-channels", "4", "--seeds", "1"]
 STUDY_TIMEOUT = 240
 
 

@@ -408,6 +408,42 @@ def test_worker_killed_mid_training_restarts_from_checkpoint_with_same_epsilon(l
     assert (sum_k["val_dice"], sum_k["best_epoch"]) == (sum_c["val_dice"], sum_c["best_epoch"])
 
 
+# ============================================================================ replicates
+
+
+def test_grid_trains_every_method_per_seed_and_one_selection_run_per_fold(ray_tmpdir, tmp_path):
+    """``--seeds 2`` on one fold and two methods: two replicates of each method with the seeds
+    --seed + 0 and + 1 in their summary.json (and folder names), and one dice-select run, method
+    dice with seed --seed + 10000. ``--resume`` of the finished grid restores it and trains nothing."""
+    from polydice.config import SELECTION_SEED_OFFSET, SELECTION_TAG
+
+    storage, seed = tmp_path / "results", 3
+    args = ["studies/grid_baselines.py", *SMOKE_ARGS, "--folds", "2", "--fold-list", "0", "--seeds", "2",
+            "--seed", str(seed), "--methods", "dice", "polydice-eps+0.0", "--no-report", "--storage-path", str(storage)]
+    env = rf.ray_env(ray_tmpdir)
+    rc, out = rf.run_study(args, env, tmp_path / "grid.log", STUDY_TIMEOUT)
+    assert rc == 0, out[-8000:]
+    assert "grid: 5 runs, 0 errors" in out, out[-8000:]
+    assert f"fold 0 seed {seed + 1} dice:" in out, out[-8000:]
+    dirs = _trial_dirs(storage / "baselines")
+    runs = {}
+    for d in dirs:
+        config = json.loads((d / "summary.json").read_text())["config"]
+        assert config["fold"] == 0 and d.name.startswith(f"{config['tag']}-fold0-seed{config['seed']}-"), d
+        runs.setdefault(config["tag"], []).append((config["method"], config["seed"]))
+    assert {tag: sorted(v) for tag, v in runs.items()} == {
+        "dice": [("dice", seed), ("dice", seed + 1)],
+        "polydice-eps+0.0": [("polydice", seed), ("polydice", seed + 1)],
+        SELECTION_TAG: [("dice", seed + SELECTION_SEED_OFFSET)],
+    }
+    before = {d.name: (d / "result.json").read_bytes() for d in dirs}
+
+    rc, out = rf.run_study([*args, "--resume"], env, tmp_path / "resume.log", STUDY_TIMEOUT)
+    assert rc == 0, out[-8000:]
+    assert "grid: 5 runs, 0 errors" in out, out[-8000:]
+    assert {d.name: (d / "result.json").read_bytes() for d in _trial_dirs(storage / "baselines")} == before
+
+
 # ============================================================================ shared finished study
 
 
@@ -421,17 +457,18 @@ def finished_study(tmp_path_factory):
         env = rf.ray_env(ray_tmp)
         common = [*SMOKE_ARGS, "--folds", "2", "--storage-path", str(storage)]
         rc, out = rf.run_study(
-            ["studies/grid_baselines.py", *common, "--methods", "dice", "polydice-eps+0.0", "polydice-eps+0.2",
-             "adaptive-thesis", "--no-report"], env, tmp / "grid.log", STUDY_TIMEOUT)
+            ["studies/grid_baselines.py", *common, "--seeds", "1", "--methods", "dice", "polydice-eps+0.0",
+             "polydice-eps+0.2", "adaptive-thesis", "--no-report"], env, tmp / "grid.log", STUDY_TIMEOUT)
         assert rc == 0, out[-8000:]
+        # Two seeds of each fold's final run (the search is the same with any --seeds).
         rc, out = rf.run_study(
-            ["studies/tune_adaptive.py", *common, "--num-samples", "2", "--compare", str(storage / "baselines")],
-            env, tmp / "tune.log", STUDY_TIMEOUT)
+            ["studies/tune_adaptive.py", *common, "--num-samples", "2", "--seeds", "2",
+             "--compare", str(storage / "baselines")], env, tmp / "tune.log", STUDY_TIMEOUT)
         assert rc == 0, out[-8000:]
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    return {"storage": storage, "num_samples": 2, "folds": 2, "url": f"sqlite:///{storage / 'adaptive-optuna.db'}",
-            "studies": ["adaptive-fold0", "adaptive-fold1"]}
+    return {"storage": storage, "num_samples": 2, "folds": 2, "final_seeds": [0, 1],
+            "url": f"sqlite:///{storage / 'adaptive-optuna.db'}", "studies": ["adaptive-fold0", "adaptive-fold1"]}
 
 
 # ============================================================================ 5. Optuna storages
@@ -569,24 +606,31 @@ def test_search_never_reads_the_test_fold(fold, monkeypatch, tmp_path):
 
 def test_nested_search_and_final_runs_stay_in_their_fold(finished_study):
     """Nested cross-validation on a real study: every search trial of ``adaptive-fold<f>`` trained
-    on outer fold f (so, by test_search_never_reads_the_test_fold, never read f's test images), and
-    fold f's final run used fold f's own best parameters and was tested on fold f only."""
+    on outer fold f (so, by test_search_never_reads_the_test_fold, never read f's test images) with
+    --seed, and fold f's final runs, one per seed of --seeds, used fold f's own best parameters and
+    were tested on fold f only."""
     storage = finished_study["storage"]
     best = json.loads((storage / "adaptive-report" / "best_config.json").read_text())
     for fold in range(finished_study["folds"]):
         trials = _trial_dirs(storage / f"adaptive-fold{fold}")
         assert len(trials) == finished_study["num_samples"]
         for d in trials:
-            assert json.loads((d / "summary.json").read_text())["config"]["fold"] == fold, d
-    finals = {}
+            config = json.loads((d / "summary.json").read_text())["config"]
+            assert (config["fold"], config["seed"]) == (fold, 0), d
+            assert d.name.startswith(f"search-fold{fold}-"), d
+    finals: dict = {}
     for d in _trial_dirs(storage / "adaptive-final"):
         summary = json.loads((d / "summary.json").read_text())
-        finals[summary["config"]["fold"]] = summary
+        config = summary["config"]
+        assert d.name.startswith(f"adaptive-tuned-fold{config['fold']}-seed{config['seed']}-"), d
+        finals.setdefault(config["fold"], []).append(summary)
     assert sorted(finals) == list(range(finished_study["folds"]))
-    for fold, summary in finals.items():
+    for fold, summaries in finals.items():
+        assert sorted(s["config"]["seed"] for s in summaries) == finished_study["final_seeds"], fold
         params = best["folds"][str(fold)]["params"]
-        assert {k: summary["config"][k] for k in params} == params, (fold, params)
-        assert summary["config"]["tag"] == "adaptive-tuned"
+        for summary in summaries:
+            assert {k: summary["config"][k] for k in params} == params, (fold, params)
+            assert summary["config"]["tag"] == "adaptive-tuned"
 
 
 def test_search_trials_of_the_study_are_untested(finished_study):
@@ -601,7 +645,7 @@ def test_search_trials_of_the_study_are_untested(finished_study):
         assert not list(d.rglob("per_image.csv")), d
         assert not [k for r in _result_rows(d) for k in r if k.startswith("test_")], d
     final = _trial_dirs(finished_study["storage"] / "adaptive-final")
-    assert len(final) == finished_study["folds"]
+    assert len(final) == finished_study["folds"] * len(finished_study["final_seeds"])
     for d in final:
         assert "test_dice" in json.loads((d / "summary.json").read_text())
         assert (d / "per_image.csv").exists()

@@ -20,6 +20,7 @@ if str(STUDIES) not in sys.path:
 import grid_baselines  # noqa: E402
 import study_cli  # noqa: E402
 import tune_adaptive  # noqa: E402
+from polydice.config import SELECTION_SEED_OFFSET, SELECTION_TAG  # noqa: E402
 from search_space import AdaptiveSpace, thesis_point  # noqa: E402
 
 
@@ -28,14 +29,31 @@ def _trial(config: dict, trial_id: str = "ab12c_00003"):
 
 
 @pytest.mark.parametrize("config,expected", [
-    ({"overrides": {"method": "dice", "tag": "dice"}, "fold": 2}, "dice-fold2-ab12c_00003"),
-    ({"overrides": {"k": 2.0, "fold": 0, "tag": "adaptive-tuned"}}, "adaptive-tuned-fold0-ab12c_00003"),
-    ({"k": 2.0, "q": 25.0, "fold": 1}, "search-fold1-ab12c_00003"),
-    ({"overrides": {"tag": "polydice-eps+0.2"}, "fold": 4}, "polydice-eps+0.2-fold4-ab12c_00003"),
-    ({"overrides": {"tag": "a/b c"}, "fold": 0}, "a_b_c-fold0-ab12c_00003"),
+    ({"overrides": {"method": "dice", "tag": "dice", "seed": 1}, "fold": 2}, "dice-fold2-seed1-ab12c_00003"),
+    ({"overrides": {"k": 2.0, "fold": 0, "tag": "adaptive-tuned", "seed": 0}}, "adaptive-tuned-fold0-seed0-ab12c_00003"),
+    ({"overrides": {"method": "dice", "tag": "dice-select", "seed": 10000}, "fold": 3},
+     "dice-select-fold3-seed10000-ab12c_00003"),
+    ({"k": 2.0, "q": 25.0, "fold": 1}, "search-fold1-ab12c_00003"),  # a search trial trains with --seed
+    ({"overrides": {"tag": "polydice-eps+0.2"}, "fold": 4}, "polydice-eps+0.2-fold4-ab12c_00003"),  # saved before --seeds
+    ({"overrides": {"tag": "a/b c", "seed": 2}, "fold": 0}, "a_b_c-fold0-seed2-ab12c_00003"),
 ])
-def test_trial_folders_are_named_by_method_and_fold(config, expected):
+def test_trial_folders_are_named_by_method_fold_and_seed(config, expected):
     assert study_cli.trial_dirname(_trial(config)) == expected
+
+
+def test_trial_lines_show_the_seed_of_replicates(capsys):
+    lines = study_cli.progress(SimpleNamespace(verbose=False), 4)["callbacks"][0]
+    replicate = SimpleNamespace(config={"overrides": {"method": "dice", "tag": "dice", "seed": 1}, "fold": 2},
+                                last_result={"best_val_dice": 0.5, "best_epoch": 3, "test_dice": 0.25},
+                                is_finished=lambda: True)
+    search = SimpleNamespace(config={"k": 2.0, "q": 25.0, "fold": 1}, last_result={"best_val_dice": 0.75},
+                             is_finished=lambda: False)
+    lines.on_trial_complete(0, [replicate, search], replicate)
+    lines.on_trial_complete(0, [replicate, search], search)
+    assert capsys.readouterr().out.splitlines() == [
+        "  [1/4] fold 2 seed 1 dice: val Dice 0.5000 (epoch 3), test Dice 0.2500 done",
+        "  [2/4] fold 1 k=2, q=25: val Dice 0.7500 (epoch ?) done",
+    ]
 
 
 def test_controller_params_are_printed_to_three_significant_digits():
@@ -87,6 +105,58 @@ def test_search_space_carries_the_outer_fold_without_searching_it():
         study.tell(trial, 0.5)
     assert study.trials[0].params["k"] == 2.0 and study.trials[0].params["q"] == 25.0
     assert AdaptiveSpace(30)(study.ask()) is None
+
+
+def test_default_grid_has_the_linear_dice_and_not_dsc_pp():
+    """DSC++ at γ = 2 is the Dice loss on binary masks: a replicate of dice, run only when named."""
+    specs = grid_baselines.method_specs()
+    tags = [s["tag"] for s in specs]
+    assert "dice-linear" in tags and "adaptive-thesis" in tags and "dice" in tags
+    assert "dsc_pp" not in tags and "dsc_pp" not in {s["method"] for s in specs}
+    assert {s["tag"]: s["method"] for s in specs}["dice-linear"] == "dice_linear"
+    assert grid_baselines.method_specs(["dsc_pp"]) == [{"method": "dsc_pp", "tag": "dsc_pp"}]
+    assert [s["tag"] for s in grid_baselines.method_specs(["dice_linear", "dsc_pp"])] == ["dice-linear", "dsc_pp"]
+    assert [s["tag"] for s in grid_baselines.method_specs(["dice"])] == ["dice"]  # not dice-select
+    assert grid_baselines.method_specs(["dice-select"]) == []  # left to grid_runs
+
+
+def _grid_args(*argv: str):
+    return grid_baselines.build_parser().parse_args(list(argv))
+
+
+def test_grid_runs_every_method_once_per_seed_and_one_selection_run():
+    runs = grid_baselines.grid_runs(_grid_args("--methods", "dice", "focal", "--seeds", "2", "--seed", "5"))
+    assert [(r["tag"], r["seed"]) for r in runs] == [
+        ("dice", 5), ("dice", 6), ("focal", 5), ("focal", 6), ("dice-select", 10005)]
+    assert runs[-1] == {"method": "dice", "tag": SELECTION_TAG, "seed": 5 + SELECTION_SEED_OFFSET}
+    # The same arguments give the same grid (a resumed grid is the same grid).
+    assert runs == grid_baselines.grid_runs(_grid_args("--methods", "dice", "focal", "--seeds", "2", "--seed", "5"))
+    default = grid_baselines.grid_runs(_grid_args())
+    assert len(default) == 3 * len(grid_baselines.method_specs()) + 1
+    assert [r for r in default if r["tag"] == SELECTION_TAG] == [default[-1]]
+    assert len({(r["tag"], r["seed"]) for r in default}) == len(default)
+
+
+def test_no_dice_select_leaves_the_selection_run_out():
+    runs = grid_baselines.grid_runs(_grid_args("--methods", "dice", "--seeds", "2", "--no-dice-select"))
+    assert [(r["tag"], r["seed"]) for r in runs] == [("dice", 0), ("dice", 1)]
+    alone = grid_baselines.grid_runs(_grid_args("--methods", "dice-select", "--seeds", "2"))
+    assert alone == [{"method": "dice", "tag": "dice-select", "seed": SELECTION_SEED_OFFSET}]
+    with pytest.raises(ValueError, match="nothing to run"):
+        grid_baselines.grid_runs(_grid_args("--methods", "dice-select", "--no-dice-select"))
+
+
+@pytest.mark.parametrize("script", ["tune_adaptive", "grid_baselines"])
+@pytest.mark.parametrize("seeds,message", [
+    ("0", "error: --seeds must be at least 1, got 0"),
+    (str(SELECTION_SEED_OFFSET), f"error: --seeds must be below {SELECTION_SEED_OFFSET}, got {SELECTION_SEED_OFFSET}"),
+])
+def test_seeds_out_of_range_is_one_error_line(script, seeds, message, tmp_path, capsys):
+    main = tune_adaptive.main if script == "tune_adaptive" else grid_baselines.main
+    assert main(["--smoke", "--storage-path", str(tmp_path), "--seeds", seeds]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message), err
+    assert not list(tmp_path.iterdir())
 
 
 def test_grid_scale_ablation_runs_only_when_named():
