@@ -40,6 +40,7 @@ import study_cli  # noqa: F401  (puts the checkout on sys.path, for a run withou
 from comparison import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, DICE_LOSS_LABEL, HARD, HARDEST_FRACTION, SOURCE_OWN,
                         SOURCE_SELECT, ReportWarning, common_hardest, hard_set, paired_tests, selection_seed_clashes)
 from polydice.config import SELECTION_TAG, run_label
+from storage import redact
 
 METRICS = ("dice", "iou", "precision", "recall", "nsd", "nll", "brier", "dice_hardest_quartile")
 HEADERS = {
@@ -597,7 +598,7 @@ def best_config_section(path: Path, header: dict, per_fold: pd.DataFrame, out_di
     }.get(protocol, f"protocol {protocol!r} (not described by this report)")
     lines.append(f"From `{path}`: {described}. Each row is the best trial of that fold's study by the search "
                  f"metric ({header.get('metric') or 'not named'}); the search never reads test images"
-                 + (f"; storage {_redact(str(header['optuna_storage']))}" if header.get("optuna_storage") else "")
+                 + (f"; storage {redact(str(header['optuna_storage']))}" if header.get("optuna_storage") else "")
                  + ". [best_config_per_fold.csv](best_config_per_fold.csv)")
     lines.append("")
     params = [c for c in per_fold.columns if c not in ("fold", "study_name", "optuna_trial", "n_trials", "value")]
@@ -695,11 +696,6 @@ def plot_importances(importances: dict, path: Path, study_name: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _redact(url: str) -> str:
-    """A storage URL without its password."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
-
-
 def _file_stem(name: str) -> str:
     """A study name usable in a file name."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
@@ -743,7 +739,7 @@ def _study_line(storage: str, name: str, out_dir: Path, importance_rows: list[di
 def optuna_section(storage: str, study_names: list[str], out_dir: Path) -> list[str]:
     """One line per Optuna study of the search (per-fold studies ``<study>-fold<f>`` under nested
     cross-validation), its search-history and importance plots, and a table of the importances."""
-    lines = [f"## Search (Optuna, {_redact(storage)})", "",
+    lines = [f"## Search (Optuna, {redact(storage)})", "",
              "The objective of every study is the search metric (`best_val_dice` in studies/tune_adaptive.py: "
              "validation Dice; the search never reads test images).", ""]
     importance_rows: list[dict] = []
@@ -1142,7 +1138,7 @@ def make_report(
     if notes:
         md += ["## Warnings", ""] + [f"- {note}" for note in notes] + [""]
     path = out_dir / "table.md"
-    path.write_text("\n".join(md))
+    path.write_text(redact("\n".join(md)))  # a database error can quote the URL it was given
     return path
 
 

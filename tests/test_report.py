@@ -827,3 +827,13 @@ def test_a_selection_run_sharing_a_compared_seed_gives_no_hard_set_p(tmp_path):
     table = pd.read_csv(tmp_path / "out" / "table.csv")
     assert table["dice_loss_hard_wilcoxon_p"].isna().all()
     assert row(table, "dice")["dice_loss_hard_n_pairs"] == 3
+
+
+def test_a_password_in_the_optuna_url_never_reaches_the_report(study, tmp_path):
+    # Both forms of a credential: user:password@host and a query parameter; the database is
+    # unreachable, so the error Optuna raises (which may quote the URL) is in the report too.
+    dirs, *_ = study
+    for url in ("postgresql://user:Pa55-word@127.0.0.1:9/db", "postgresql://127.0.0.1:9/db?user=u&password=Pa55-word"):
+        out = tmp_path / str(abs(hash(url)))
+        md = report.make_report(dirs, out, optuna_storage=url, study_names=["s"]).read_text()
+        assert "Pa55-word" not in md and "***" in md
