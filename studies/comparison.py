@@ -135,6 +135,17 @@ def fold_ttest(values, reference) -> float:
 # ----------------------------------------------------------------------------- run pairs
 
 
+def _group_means(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Means of ``values`` (n, v) per distinct row of ``keys`` (n, k): ``(keys, means, counts)``,
+    sorted by key (numpy's ``unique`` and ``bincount``: a pandas groupby per comparison is the
+    report's slowest part on a study with many runs)."""
+    unique, inverse = np.unique(keys, axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    counts = np.bincount(inverse, minlength=len(unique))
+    means = np.stack([np.bincount(inverse, values[:, j], minlength=len(unique)) for j in range(values.shape[1])], 1)
+    return unique, means / counts[:, None], counts
+
+
 def run_pair_means(pairs: pd.DataFrame) -> pd.DataFrame:
     """Per run pair, both runs' mean Dice over the units both tested.
 
@@ -142,13 +153,15 @@ def run_pair_means(pairs: pd.DataFrame) -> pd.DataFrame:
         pairs: one row per image both runs of a pair tested: ``fold, seed, group, dice, dice_ref``.
 
     Returns:
-        Indexed by ``(fold, seed)``: ``dice, dice_ref`` (means over the pair's units, each unit the
-        mean of its images) and ``n_units``.
+        Indexed by ``(fold, seed)``, sorted: ``dice, dice_ref`` (means over the pair's units, each
+        unit the mean of its images) and ``n_units``.
     """
-    units = pairs.groupby(["fold", "seed", "group"])[["dice", "dice_ref"]].mean()
-    means = units.groupby(level=["fold", "seed"]).mean()
-    means["n_units"] = units.groupby(level=["fold", "seed"]).size()
-    return means
+    group = pd.factorize(pairs["group"])[0]
+    keys = np.column_stack([pairs["fold"].to_numpy(np.int64), pairs["seed"].to_numpy(np.int64), group])
+    units, unit_means, _ = _group_means(keys, pairs[["dice", "dice_ref"]].to_numpy(float))
+    runs, run_means, n_units = _group_means(units[:, :2], unit_means)
+    index = pd.MultiIndex.from_arrays([runs[:, 0], runs[:, 1]], names=["fold", "seed"])
+    return pd.DataFrame({"dice": run_means[:, 0], "dice_ref": run_means[:, 1], "n_units": n_units}, index=index)
 
 
 def _empty(prefix: str) -> dict:
@@ -179,19 +192,23 @@ def compare(pairs: pd.DataFrame, prefix: str = "", inference: bool = True) -> di
         return out
     runs = run_pair_means(pairs)
     diff = (runs["dice"] - runs["dice_ref"]).to_numpy()
-    fixed = pairs.groupby(["fold", "group"])[["dice", "dice_ref"]].mean()
+    dice = pairs[["dice", "dice_ref"]].to_numpy(float)
+    fold = pairs["fold"].to_numpy(np.int64)
+    # Each test unit over the paired seeds: the networks held fixed.
+    _, fixed, _ = _group_means(np.column_stack([fold, pd.factorize(pairs["group"])[0]]), dice)
+    images = len(np.unique(np.column_stack([fold, pairs["index"].to_numpy(np.int64)]), axis=0))
     out.update({f"{prefix}n_pairs": len(runs), f"{prefix}n_units_paired": len(fixed),
-                f"{prefix}n_images_paired": len(pairs[["fold", "index"]].drop_duplicates()),
-                f"{prefix}dice_diff_mean": float(diff.mean())})
+                f"{prefix}n_images_paired": images, f"{prefix}dice_diff_mean": float(diff.mean())})
     if not inference:
         return out
     low, high = bootstrap_ci(diff)
     out.update({f"{prefix}dice_diff_ci_low": low, f"{prefix}dice_diff_ci_high": high,
                 f"{prefix}wilcoxon_p": paired_wilcoxon(runs["dice"], runs["dice_ref"])[0],
-                f"{prefix}fixed_networks_wilcoxon_p": paired_wilcoxon(fixed["dice"], fixed["dice_ref"])[0]})
+                f"{prefix}fixed_networks_wilcoxon_p": paired_wilcoxon(fixed[:, 0], fixed[:, 1])[0]})
     if not prefix:
-        folds = runs.groupby(level="fold")[["dice", "dice_ref"]].mean()
-        out["ttest_p"] = fold_ttest(folds["dice"], folds["dice_ref"])
+        _, folds, _ = _group_means(runs.index.get_level_values("fold").to_numpy()[:, None],
+                                   runs[["dice", "dice_ref"]].to_numpy())
+        out["ttest_p"] = fold_ttest(folds[:, 0], folds[:, 1])
     return out
 
 

@@ -954,7 +954,9 @@ def _footnotes(table: pd.DataFrame, runs: pd.DataFrame, reference: str | None, i
         "(Kvasir-SEG) images count as independent, although images of one patient may be correlated; on "
         "CVC-ClinicDB the units are video sequences, not patients, and the 29 sequences come from fewer patients."
         + (f" One seed per fold for {'every method' if len(one_seed) == len(compared) else ', '.join(f'`{x}`' for x in one_seed)}: "
-           "each fold's network is its only replicate, so the run pairs are the folds (`--seeds 3` trains three)."
+           "each fold's network is its only replicate, so the run pairs are the folds (`--seeds 3` trains three). "
+           "The p-values still include training randomness, each pair being two networks trained apart; only "
+           "`fixed_networks_wilcoxon_p` treats the networks as fixed."
            if one_seed else ""),
         "⁵ Paired t-test of the per-fold mean test Dice (each fold's run pairs averaged over their seeds) over the "
         "shared folds (needs ≥ 3): with 5 folds it has 4 degrees of freedom, a weak test, but one that also allows "
