@@ -1,7 +1,9 @@
 """The Optuna database of a study: a storage that waits for a database that restarts.
 
 The driver's alone (a trial process never imports it, nor Optuna and SQLAlchemy): the studies open
-their Optuna studies through :func:`study_storage`.
+their Optuna studies through :func:`study_storage`. A database that is unreachable a while is waited
+for; one that refuses this process (a wrong password, no such database) fails at once
+(:class:`StudyDatabaseRefused`). The URL's password is in no message and in no pickle of the storage.
 """
 
 from __future__ import annotations
@@ -31,6 +33,15 @@ _study_url: str | None = None
 _in_storage_call = threading.local()
 
 
+class StudyDatabaseRefused(ValueError):
+    """The Optuna database refused the connection for a reason that waiting does not cure (SQLSTATE
+    class 28, authorisation: a wrong password, an unknown role; 3D, no such database). The message
+    names the URL without its password and gives the server's answer, on one line.
+
+    A ``ValueError``, as for any wrong argument: the study scripts print it as one ``error:`` line.
+    """
+
+
 class StudyDatabaseError(SystemExit):
     """The Optuna database did not answer within the wait; the message (one ``error:`` line) says
     so, and that ``--resume`` continues the study.
@@ -46,20 +57,23 @@ def _shown_url(url: str) -> str:
     return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
 
 
-def _connection_problem(exc: BaseException) -> str | None:
-    """What went wrong, when ``exc`` (or an error it was raised from) is a lost or refused database
-    connection that may come back (the server restarts, fails over, is unreachable a while);
-    ``None`` for anything else, e.g. a wrong password or invalid data."""
+def _connection_problem(exc: BaseException) -> tuple[bool, str] | None:
+    """``(passing, what went wrong)`` when ``exc`` (or an error it was raised from) is a lost or
+    refused database connection: ``passing`` when it may come back (the server restarts, fails over,
+    is unreachable a while), not for a refusal that waiting does not cure (a wrong password, no such
+    database); ``None`` for anything else, e.g. invalid data."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
             sqlstate, text = getattr(exc.orig, "sqlstate", None) or "", str(exc.orig).strip()
-            if sqlstate[:2] in _LASTING_SQLSTATE_CLASSES:
-                return None
-            if not sqlstate and "FATAL:" in text and not any(p in text for p in _PASSING_REFUSALS):
-                return None
-            return text.splitlines()[0] if text else type(exc.orig).__name__
+            if not text:
+                return True, type(exc.orig).__name__
+            if sqlstate[:2] in _LASTING_SQLSTATE_CLASSES or (
+                    not sqlstate and "FATAL:" in text and not any(p in text for p in _PASSING_REFUSALS)):
+                # libpq's message of a refused login may take several lines (one per address tried).
+                return False, "; ".join(line.strip() for line in text.splitlines() if line.strip())
+            return True, text.splitlines()[0]
         exc = exc.__cause__ or exc.__context__
     return None
 
@@ -75,7 +89,11 @@ class StudyStorage(optuna.storages.RDBStorage):
       A write whose commit reached the database just before the connection broke is sent again:
       a new trial then exists twice (the spare one stays ``RUNNING``), a finished trial's state is
       refused as already set.
+    - A refusal that waiting does not cure (a wrong password, no such database) raises
+      :class:`StudyDatabaseRefused` at once.
     - SQLite files are not retried: an unreachable file does not come back by waiting.
+    - Pickled (Tune saves the search algorithm, and with it this storage, in ``tuner.pkl`` and
+      ``searcher-state-*.pkl`` of the experiment), the URL is written without its password.
     - Restored from a pickle (Tune's experiment state holds the search algorithm and with it this
       storage), it connects to the database this process opened with :func:`study_storage`,
       not to the URL it was saved with: a results folder copied to another machine, or a study
@@ -84,13 +102,20 @@ class StudyStorage(optuna.storages.RDBStorage):
 
     def __init__(self, url: str, timeout_s: float = DB_TIMEOUT_S):
         self.timeout_s = float(timeout_s)
-        self.waits = sqlalchemy.engine.make_url(url).get_backend_name() != "sqlite" and self.timeout_s > 0
+        # With timeout_s = 0 a failing call is not retried, but still told apart (refused or unreachable).
+        self.waits = sqlalchemy.engine.make_url(url).get_backend_name() != "sqlite"
         self._retrying(lambda: optuna.storages.RDBStorage.__init__(self, url, engine_kwargs={"pool_pre_ping": True}))
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        return {**state, "url": _shown_url(state["url"])}
+
     def __setstate__(self, state: dict) -> None:
-        if _study_url is not None and state.get("url") != _study_url:
-            print(f"optuna: the experiment was saved with the database {_shown_url(state['url'])}; "
-                  f"using {_shown_url(_study_url)}", file=sys.stderr, flush=True)
+        # The saved URL has no password (see __getstate__): it names the database, it cannot open it.
+        if _study_url is not None:
+            if state.get("url") != _shown_url(_study_url):
+                print(f"optuna: the experiment was saved with the database {_shown_url(state['url'])}; "
+                      f"using {_shown_url(_study_url)}", file=sys.stderr, flush=True)
             state = {**state, "url": _study_url}
         super().__setstate__(state)
 
@@ -110,10 +135,16 @@ class StudyStorage(optuna.storages.RDBStorage):
             try:
                 result = call()
             except Exception as exc:
-                problem = _connection_problem(exc)
+                found = _connection_problem(exc)
                 waited = time.monotonic() - start
-                if problem is None:
+                if found is None:
                     raise
+                passing, problem = found
+                if not passing:
+                    raise StudyDatabaseRefused(
+                        f"the Optuna database {_shown_url(self.url)} refused the connection ({problem}); "
+                        "waiting does not cure that: check the URL, its user and password"
+                    ) from exc
                 if waited >= self.timeout_s:
                     raise StudyDatabaseError(
                         f"error: the Optuna database {_shown_url(self.url)} did not answer for {waited:.0f} s "
@@ -160,6 +191,8 @@ def study_storage(url: str, timeout_s: float = DB_TIMEOUT_S) -> StudyStorage:
         timeout_s: seconds to wait for the database; 0 fails at once.
 
     Raises:
+        StudyDatabaseRefused: the database refused the connection for good (a wrong password, no
+            such database), at once.
         StudyDatabaseError: the database did not answer within ``timeout_s``.
     """
     global _study_url

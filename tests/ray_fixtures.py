@@ -358,10 +358,11 @@ def free_port() -> int:
 
 
 class PostgresServer:
-    """A PostgreSQL server in a temporary folder, listening on 127.0.0.1 only, trust auth."""
+    """A PostgreSQL server in a temporary folder, listening on 127.0.0.1 only: trust auth, or with
+    ``password`` that password for ``user`` over TCP (scram-sha-256; the socket stays trust)."""
 
-    def __init__(self, bindir: Path, db: str = "polydice", user: str = "polydice"):
-        self.bindir, self.db, self.user = bindir, db, user
+    def __init__(self, bindir: Path, db: str = "polydice", user: str = "polydice", password: str | None = None):
+        self.bindir, self.db, self.user, self.password = bindir, db, user, password
         self.root = Path(tempfile.mkdtemp(prefix="pdpg", dir="/tmp"))
         self.data, self.sockets, self.log = self.root / "data", self.root / "sock", self.root / "server.log"
         self.port = free_port()
@@ -397,19 +398,28 @@ class PostgresServer:
         return out
 
     def start(self) -> str:
-        self._run("initdb", "-D", str(self.data), "-U", self.user, "--auth=trust", "-E", "UTF8", "--no-sync")
+        auth = ["--auth=trust"]
+        if self.password is not None:
+            pwfile = self.root / "pwfile"
+            pwfile.write_text(self.password + "\n")
+            if self.os_user:
+                entry = pwd.getpwnam(self.os_user)
+                os.chown(pwfile, entry.pw_uid, entry.pw_gid)
+            auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
+        self._run("initdb", "-D", str(self.data), "-U", self.user, *auth, "-E", "UTF8", "--no-sync")
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o",
                   f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sockets} -c fsync=off", "start")
         import psycopg
 
-        with psycopg.connect(host="127.0.0.1", port=self.port, user=self.user, dbname="postgres",
-                             autocommit=True) as con:
+        with psycopg.connect(host="127.0.0.1", port=self.port, user=self.user, password=self.password,
+                             dbname="postgres", autocommit=True) as con:
             con.execute(f'CREATE DATABASE "{self.db}"')
         return self.url
 
     @property
     def url(self) -> str:
-        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{self.db}"
+        login = self.user if self.password is None else f"{self.user}:{self.password}"
+        return f"postgresql://{login}@127.0.0.1:{self.port}/{self.db}"
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):
@@ -436,16 +446,17 @@ if __name__ == "__main__":
 
 
 @contextlib.contextmanager
-def postgres_server():
-    """A PostgreSQL server on 127.0.0.1 for one test module, stopped afterwards; the test is
-    skipped when the server binaries or the psycopg driver are missing."""
+def postgres_server(password: str | None = None):
+    """A PostgreSQL server on 127.0.0.1 for one test module, stopped afterwards (with ``password``,
+    TCP logins need it: see :class:`PostgresServer`); the test is skipped when the server binaries
+    or the psycopg driver are missing."""
     import pytest
 
     bindir = find_postgres_bin()
     if bindir is None:
         pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not found on PATH or under /usr/lib/postgresql/*/bin")
     pytest.importorskip("psycopg")
-    server = PostgresServer(bindir)
+    server = PostgresServer(bindir, password=password)
     try:
         server.start()
         yield server

@@ -36,6 +36,9 @@ TRIALS = {
     "late": (6, 3, 0.1, 0.9, 0.0),       # poor until its adaptation acts at epoch 9, then the best
     "bad": (1, 2, 0.2, 0.2, 0.001),      # poor throughout, warm-up over at epoch 3
     "slow_bad": (8, 4, 0.3, 0.3, 0.0),   # poor throughout, warm-up over at epoch 12
+    # Poor throughout, warm-up over at epoch 4: the rung at 3 = E0 + τ − 1 is still its warm-up, so
+    # it is judged at 9 (stopped at 3 if the warm-up ended an epoch early).
+    "edge_bad": (2, 2, 0.25, 0.25, 0.0),
 }
 
 
@@ -89,15 +92,29 @@ def test_rungs_hold_each_trials_value_at_their_own_epoch():
         stops[name] = len(actions) if actions[-1] == TrialScheduler.STOP else None
         e0, tau = TRIALS[name][:2]
         assert TrialScheduler.STOP not in actions[: e0 + tau - 1], (name, actions)
-    assert stops == {"steady": MAX_T, "late": MAX_T, "bad": 3, "slow_bad": 27}
+    assert stops == {"steady": MAX_T, "late": MAX_T, "bad": 3, "slow_bad": 27, "edge_bad": 9}
     rungs = {int(m): recorded for m, recorded in sched._brackets[0]._rungs}
     for milestone, recorded in rungs.items():
         for name, value in recorded.items():
             assert value == pytest.approx(score(name, milestone)), (milestone, name)
     # The warm-up trials are in the low rungs too; a stopped trial only up to its stop.
     assert set(rungs[1]) == set(rungs[3]) == set(TRIALS)
-    assert set(rungs[9]) == {"steady", "late", "slow_bad"}
+    assert set(rungs[9]) == {"steady", "late", "slow_bad", "edge_bad"}
     assert set(rungs[27]) == {"steady", "late", "slow_bad"}
+
+
+def test_a_rung_one_epoch_before_the_warmup_ends_does_not_judge():
+    """E0 = 2, τ = 2 (warm-up over at epoch 4), rungs 1 / 3 / 9 / 27: the rung at epoch 3 records
+    the trial's value without a decision, though the trial would not pass its cutoff; the trial is
+    stopped at the next rung, 9."""
+    sched = _scheduler()
+    for name in ("steady", "late", "bad", "slow_bad"):
+        _feed(sched, name)
+    rungs = {int(m): recorded for m, recorded in sched._brackets[0]._rungs}
+    assert score("edge_bad", 3) < sched._brackets[0].cutoff(rungs[3])  # a decision at epoch 3 would stop it
+    actions, _ = _feed(sched, "edge_bad")
+    assert actions == [TrialScheduler.CONTINUE] * 8 + [TrialScheduler.STOP], actions
+    assert rungs[3]["edge_bad"] == pytest.approx(score("edge_bad", 3))
 
 
 def test_trials_without_e0_and_tau_use_the_default_warmup():
@@ -155,14 +172,15 @@ def test_warmup_asha_under_tune(local_ray, tmp_path):
     warm, warm_results = _run(WarmupASHA(**ASHA), tmp_path / "warmup")
 
     # Plain ASHA stops every poor start at its first rung, the late one (the best) included.
-    assert plain == {"steady": MAX_T, "late": 1, "bad": 1, "slow_bad": 1}
+    assert plain == {"steady": MAX_T, "late": 1, "bad": 1, "slow_bad": 1, "edge_bad": 1}
     # (1) No trial stopped before its E0 + τ; the late one survives and ends best.
     for name, last in warm.items():
         e0, tau = TRIALS[name][:2]
         assert last >= e0 + tau, (name, last)
     assert warm["late"] == MAX_T and warm["steady"] == MAX_T
-    # (2) A poor trial past its warm-up is stopped, at the first rung at or after it (3 and 27).
-    assert warm["bad"] == 3 and warm["slow_bad"] == 27
-    # (3) Epochs saved: 27 + 3 of 120 with the warm-up, 3 × 29 with plain ASHA.
-    assert epochs_saved(warm_results, MAX_T)["epochs_saved"] == 30
-    assert epochs_saved(plain_results, MAX_T)["epochs_saved"] == 87
+    # (2) A poor trial past its warm-up is stopped, at the first rung at or after it (3, 27 and 9:
+    # edge_bad's warm-up ends at 4, one epoch after the rung at 3).
+    assert warm["bad"] == 3 and warm["slow_bad"] == 27 and warm["edge_bad"] == 9
+    # (3) Epochs saved: 27 + 3 + 21 of 150 with the warm-up, 4 × 29 with plain ASHA.
+    assert epochs_saved(warm_results, MAX_T)["epochs_saved"] == 51
+    assert epochs_saved(plain_results, MAX_T)["epochs_saved"] == 116
