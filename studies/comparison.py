@@ -224,8 +224,8 @@ def paired_tests(runs: pd.DataFrame, per_image: pd.DataFrame, reference: str | N
     """Every label against ``reference`` within its dataset, over their run pairs.
 
     Args:
-        runs: :func:`report.collect_runs` (``dataset, label, fold, seed, run_dir``).
-        per_image: :func:`report.load_per_image` (``dataset, label, fold, seed, index, group, dice``).
+        runs: :func:`run_results.collect_runs` (``dataset, label, fold, seed, run_dir``).
+        per_image: :func:`run_results.load_per_image` (``dataset, label, fold, seed, index, group, dice``).
         reference: the label compared against; ``None`` gives empty comparisons.
         hard: ``{dataset: image indices}`` of the hard set (:func:`hard_set`).
         hard_source: ``{dataset: SOURCE_SELECT | SOURCE_OWN}``; a set of the ``dice`` runs' own

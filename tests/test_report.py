@@ -28,8 +28,11 @@ from scipy import stats
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
 
 import comparison  # noqa: E402
+import method_table  # noqa: E402
+import rendering  # noqa: E402
 import report  # noqa: E402
-from polydice.config import SELECTION_SEED_OFFSET, SELECTION_TAG  # noqa: E402
+import run_results  # noqa: E402
+from polydice.config import SELECTION_SEED_OFFSET, SELECTION_TAG, run_label  # noqa: E402
 
 FOLDS, PER_FOLD = 5, 4
 N_IMAGES = FOLDS * PER_FOLD
@@ -149,10 +152,10 @@ def row(table: pd.DataFrame, label: str) -> pd.Series:
 
 
 def test_run_label():
-    assert report.run_label({"method": "polydice", "eps": 0.0, "tag": ""}) == "polydice-eps+0.0"
-    assert report.run_label({"method": "polydice", "eps": -0.3, "tag": ""}) == "polydice-eps-0.3"
-    assert report.run_label({"method": "focal", "eps": 0.0, "tag": ""}) == "focal"
-    assert report.run_label({"method": "adaptive", "tag": "adaptive-tuned-2"}) == "adaptive-tuned-2"
+    assert run_label({"method": "polydice", "eps": 0.0, "tag": ""}) == "polydice-eps+0.0"
+    assert run_label({"method": "polydice", "eps": -0.3, "tag": ""}) == "polydice-eps-0.3"
+    assert run_label({"method": "focal", "eps": 0.0, "tag": ""}) == "focal"
+    assert run_label({"method": "adaptive", "tag": "adaptive-tuned-2"}) == "adaptive-tuned-2"
 
 
 def test_every_method_has_a_row_with_mean_and_sample_std(study):
@@ -220,7 +223,7 @@ def test_run_pairs_match_fold_and_seed(tmp_path):
             write_run(tmp_path / f"a{fold}{seed}", "adaptive-tuned", fold, config={"seed": seed})
             dice = image_dice("dice")[fold * PER_FOLD:(fold + 1) * PER_FOLD] + 0.1 * seed
             write_run(tmp_path / f"d{fold}{seed}", "dice", fold, dice=dice, config={"seed": seed})
-    table, _ = report.build_table(*(lambda r: (r, report.load_per_image(r)))(report.collect_runs([tmp_path])))
+    table, _ = method_table.build_table(*(lambda r: (r, run_results.load_per_image(r)))(run_results.collect_runs([tmp_path])))
     r = row(table, "dice")
     assert r["n_pairs"] == 6 and r["n_seeds"] == 2 and r["n_runs"] == 6
     ref, dice = image_dice("adaptive-tuned")[:12].reshape(3, PER_FOLD), image_dice("dice")[:12].reshape(3, PER_FOLD)
@@ -233,8 +236,8 @@ def test_run_pairs_match_fold_and_seed(tmp_path):
     assert r["ttest_p"] == pytest.approx(stats.ttest_1samp(folds, 0).pvalue, rel=1e-9)
     # The reference lacks seed 1 in fold 2: that run of dice is unpaired, with a warning.
     (tmp_path / "a21" / "summary.json").unlink()
-    with pytest.warns(report.ReportWarning, match=r"fold/seed \[\(2, 1\)\]"):
-        table, _ = report.build_table(*(lambda r: (r, report.load_per_image(r)))(report.collect_runs([tmp_path])))
+    with pytest.warns(comparison.ReportWarning, match=r"fold/seed \[\(2, 1\)\]"):
+        table, _ = method_table.build_table(*(lambda r: (r, run_results.load_per_image(r)))(run_results.collect_runs([tmp_path])))
     assert row(table, "dice")["n_pairs"] == 5
 
 
@@ -248,8 +251,8 @@ def test_paired_wilcoxon_edge_cases():
 
 def test_common_hardest_quartile_is_one_set_for_all_methods(study):
     dirs, _, table, md = study
-    runs = report.collect_runs(dirs)
-    _, hardest = comparison.common_hardest(report.load_per_image(runs))
+    runs = run_results.collect_runs(dirs)
+    _, hardest = comparison.common_hardest(run_results.load_per_image(runs))
     assert hardest == {"synthetic": HARDEST}
     for label in METHODS:
         r = row(table, label)
@@ -260,10 +263,10 @@ def test_common_hardest_quartile_is_one_set_for_all_methods(study):
 
 def test_search_trials_and_checkpoint_copies_are_not_runs(study, recwarn):
     dirs, *_ = study
-    runs = report.collect_runs(dirs)
+    runs = run_results.collect_runs(dirs)
     assert len(runs) == (len(METHODS) + 1) * FOLDS  # with the dice-select replicates
     assert "adaptive-search" not in set(runs["label"])
-    assert not any(issubclass(w.category, report.ReportWarning) for w in recwarn)
+    assert not any(issubclass(w.category, comparison.ReportWarning) for w in recwarn)
     adaptive0 = runs[(runs["label"] == "adaptive-tuned") & (runs["fold"] == 0)]["run_dir"].item()
     assert Path(adaptive0).name == "trial_0_a1b2"
     direct = runs[(runs["label"] == "dice") & (runs["fold"] == FOLDS - 1)]["run_dir"].item()
@@ -273,13 +276,13 @@ def test_search_trials_and_checkpoint_copies_are_not_runs(study, recwarn):
 def test_duplicate_label_and_fold_keeps_the_newest(tmp_path):
     old = write_run(tmp_path / "a" / "trial_old", "dice", 0, dice=np.full(PER_FOLD, 0.1), mtime=1_000_000)
     write_run(tmp_path / "b" / "trial_new", "dice", 0, mtime=2_000_000)
-    with pytest.warns(report.ReportWarning, match="more than once"):
-        runs = report.collect_runs([tmp_path / "a", tmp_path / "b"])
+    with pytest.warns(comparison.ReportWarning, match="more than once"):
+        runs = run_results.collect_runs([tmp_path / "a", tmp_path / "b"])
     assert len(runs) == 1
     assert runs["test_dice"].item() == pytest.approx(image_dice("dice")[:PER_FOLD].mean())
     os.utime(old / "summary.json", (3_000_000, 3_000_000))
-    with pytest.warns(report.ReportWarning):
-        runs = report.collect_runs([tmp_path / "a", tmp_path / "b"])
+    with pytest.warns(comparison.ReportWarning):
+        runs = run_results.collect_runs([tmp_path / "a", tmp_path / "b"])
     assert runs["test_dice"].item() == pytest.approx(0.1)
 
 
@@ -294,7 +297,7 @@ def test_plots_exist(study):
 
 def test_eps_is_taken_at_the_last_refresh(study):
     dirs, *_ = study
-    eps = report.epsilon_at_last_refresh(report.collect_runs(dirs))
+    eps = run_results.epsilon_at_last_refresh(run_results.collect_runs(dirs))
     assert set(eps["epoch"]) == {4}
     assert sorted(eps["fold"].unique()) == list(range(FOLDS))
     assert len(eps) == FOLDS * (N_IMAGES - PER_FOLD)
@@ -442,8 +445,8 @@ def test_table_p_values_are_holm_adjusted_across_the_methods(study):
     cells = [c.strip() for c in next(x for x in md.splitlines() if x.startswith("| dice |")).split("|")]
     dice = row(table, "dice")
     assert dice["wilcoxon_p_holm"] > dice["wilcoxon_p"]
-    assert cells[header.index("Wilcoxon p (Holm)⁴")] == report._fmt_p(dice["wilcoxon_p_holm"])
-    assert cells[header.index("Fold t-test p (Holm)⁵")] == report._fmt_p(dice["ttest_p_holm"])
+    assert cells[header.index("Wilcoxon p (Holm)⁴")] == rendering.fmt_p(dice["wilcoxon_p_holm"])
+    assert cells[header.index("Fold t-test p (Holm)⁵")] == rendering.fmt_p(dice["ttest_p_holm"])
 
 
 def test_bootstrap_ci_is_bca_reproducible_and_covers_the_mean():
@@ -534,11 +537,11 @@ def test_kvasir_like_groups_are_paired_per_image(study):
 
 def test_per_image_csv_without_groups(tmp_path):
     # One older run without the column: the groups come from the other run's per_image.csv.
-    with pytest.warns(report.ReportWarning, match="taken from the other runs"):
+    with pytest.warns(comparison.ReportWarning, match="taken from the other runs"):
         report.make_report([write_cvc(tmp_path / "a", dice_groups=False)], tmp_path / "out_a")
     assert row(pd.read_csv(tmp_path / "out_a" / "table.csv"), "dice")["n_units_paired"] == 6
     # No run knows the sequences: per image, and the report says so.
-    with pytest.warns(report.ReportWarning, match="paired per image, not per video sequence"):
+    with pytest.warns(comparison.ReportWarning, match="paired per image, not per video sequence"):
         md = report.make_report([write_cvc(tmp_path / "b", dice_groups=False, adaptive_groups=False)],
                                 tmp_path / "out_b").read_text()
     r = row(pd.read_csv(tmp_path / "out_b" / "table.csv"), "dice")
@@ -557,7 +560,7 @@ def test_dice_loss_hard_set_is_the_selection_replicate_bottom_quartile(study):
     # The dice-select runs have the dice method's values here, so their bottom quarter is DICE_HARD,
     # one image per fold: each run pair's hard-set mean is that one image.
     dirs, _, table, md = study
-    _, hard, source, missing = comparison.hard_set(report.load_per_image(report.collect_runs(dirs)))
+    _, hard, source, missing = comparison.hard_set(run_results.load_per_image(run_results.collect_runs(dirs)))
     assert hard == {"synthetic": DICE_HARD} and source == {"synthetic": SELECTION_TAG} and missing == {}
     assert SELECTION_TAG not in set(table["label"]) and "`dice-select` (5 runs) only chooses the hard set" in md
     ref = image_dice("adaptive-tuned")[DICE_HARD]
@@ -601,15 +604,15 @@ def test_without_a_dice_loss_run_the_column_says_so(tmp_path):
 
 
 def test_choose_reference_prefers_the_tuned_adaptive_method():
-    assert report.choose_reference(["dice", "adaptive-thesis", "adaptive-tuned", "adaptive-tuned-fold1"]) == "adaptive-tuned"
-    assert report.choose_reference(["dice", "adaptive-thesis", "adaptive-tuned-fold2"]) == "adaptive-tuned-fold2"
-    assert report.choose_reference(["dice", "adaptive-thesis", "adaptive-x"]) == "adaptive-thesis"
-    assert report.choose_reference(["dice", "adaptive-x"]) == "adaptive-x"
-    assert report.choose_reference(["dice"]) is None
+    assert method_table.choose_reference(["dice", "adaptive-thesis", "adaptive-tuned", "adaptive-tuned-fold1"]) == "adaptive-tuned"
+    assert method_table.choose_reference(["dice", "adaptive-thesis", "adaptive-tuned-fold2"]) == "adaptive-tuned-fold2"
+    assert method_table.choose_reference(["dice", "adaptive-thesis", "adaptive-x"]) == "adaptive-thesis"
+    assert method_table.choose_reference(["dice", "adaptive-x"]) == "adaptive-x"
+    assert method_table.choose_reference(["dice"]) is None
     # the best configuration, not its runner-up, even where the runner-up sorts first
-    assert report.choose_reference(["adaptive-tuned-2-inner", "adaptive-tuned-inner"]) == "adaptive-tuned-inner"
-    assert report.choose_reference(["adaptive-tuned-fold2-2", "adaptive-tuned-fold2"]) == "adaptive-tuned-fold2"
-    assert [report.single_fold_of(x) for x in ("adaptive-tuned-fold2", "adaptive-tuned-fold12-2-inner",
+    assert method_table.choose_reference(["adaptive-tuned-2-inner", "adaptive-tuned-inner"]) == "adaptive-tuned-inner"
+    assert method_table.choose_reference(["adaptive-tuned-fold2-2", "adaptive-tuned-fold2"]) == "adaptive-tuned-fold2"
+    assert [method_table.single_fold_of(x) for x in ("adaptive-tuned-fold2", "adaptive-tuned-fold12-2-inner",
                                                "adaptive-tuned", "adaptive-tuned-2", "dice")] == [2, 12, None, None, None]
 
 
@@ -633,7 +636,7 @@ def test_pm_dice_footnote_says_which_variant(tmp_path):
         for fold, flag in enumerate(flags):
             extra = {"method": "pm_dice", "tag": label} | ({} if flag is None else {"pm_include_background": flag})
             write_run(tmp_path / f"{label}_{fold}", "dice", fold, config=extra)
-    with pytest.warns(report.ReportWarning, match="mixes PM Dice variants"):
+    with pytest.warns(comparison.ReportWarning, match="mixes PM Dice variants"):
         md = report.make_report([tmp_path], tmp_path / "out").read_text()
     table = pd.read_csv(tmp_path / "out" / "table.csv").set_index("label")
     assert table["pm_variant"].to_dict() == {"pm_dice": "background+foreground", "pm_dice-old": "foreground",
@@ -727,7 +730,7 @@ def test_malformed_best_config_is_a_warning(study, tmp_path, text, warning):
     path = tmp_path / "best_config.json"
     if text is not None:
         path.write_text(text)
-    with pytest.warns(report.ReportWarning):
+    with pytest.warns(comparison.ReportWarning):
         md = report.make_report(dirs, tmp_path / "out", best_config=path).read_text()
     assert warning in md.split("## Warnings")[1]
     assert "Note: no per-fold best configuration could be read" in md
@@ -741,7 +744,7 @@ def test_best_config_fold_with_bad_value_is_kept_as_missing(study, tmp_path):
     bad["folds"]["x"] = {"params": {"k": 1.0}}
     path = tmp_path / "best_config.json"
     path.write_text(json.dumps(bad))
-    with pytest.warns(report.ReportWarning):
+    with pytest.warns(comparison.ReportWarning):
         md = report.make_report(dirs, tmp_path / "out", best_config=path).read_text()
     warnings_part = md.split("## Warnings")[1]
     assert "fold 1 has a non-numeric value 'n/a'" in warnings_part and "fold key 'x'" in warnings_part
@@ -776,7 +779,7 @@ def test_a_field_missing_from_a_summary_is_not_a_difference(tmp_path):
 def test_other_settings_that_differ_are_a_warning(tmp_path):
     write_run(tmp_path / "a", "adaptive-tuned", 0, config={"image_size": 224})
     write_run(tmp_path / "b", "dice", 0, config={"image_size": 64})
-    with pytest.warns(report.ReportWarning, match="different image_size: 64 \\(1 runs\\), 224 \\(1 runs\\)"):
+    with pytest.warns(comparison.ReportWarning, match="different image_size: 64 \\(1 runs\\), 224 \\(1 runs\\)"):
         md = report.make_report([tmp_path], tmp_path / "out").read_text()
     assert "different image_size" in md.split("## Warnings")[1]
 
@@ -822,7 +825,7 @@ def test_a_selection_run_sharing_a_compared_seed_gives_no_hard_set_p(tmp_path):
         write_run(tmp_path / f"ref_{fold}", "adaptive-tuned", fold)
         write_run(tmp_path / f"dice_{fold}", "dice", fold)
         write_run(tmp_path / f"sel_{fold}", "dice", fold, config={"tag": SELECTION_TAG, "seed": 0})
-    with pytest.warns(report.ReportWarning, match="share a fold and seed with a compared run"):
+    with pytest.warns(comparison.ReportWarning, match="share a fold and seed with a compared run"):
         report.make_report([tmp_path], tmp_path / "out")
     table = pd.read_csv(tmp_path / "out" / "table.csv")
     assert table["dice_loss_hard_wilcoxon_p"].isna().all()

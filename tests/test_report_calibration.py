@@ -31,7 +31,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
 
+import comparison  # noqa: E402
+import method_table  # noqa: E402
 import report  # noqa: E402
+import run_results  # noqa: E402
 from polydice.config import SELECTION_SEED_OFFSET, SELECTION_TAG  # noqa: E402
 
 FOLDS, PER_FOLD, SEEDS = 5, 40, (0, 1, 2)
@@ -56,8 +59,8 @@ N_STUDIES, ALPHA = 40, 0.05
 
 
 def fabricate(seed: int, planted: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(runs, per_image)`` of one fabricated study, in the form of report.collect_runs and
-    report.load_per_image."""
+    """``(runs, per_image)`` of one fabricated study, in the form of run_results.collect_runs and
+    run_results.load_per_image."""
     rng = np.random.default_rng(seed)
     n = FOLDS * PER_FOLD
     mu = rng.beta(5, 2, n)
@@ -80,7 +83,7 @@ def fabricate(seed: int, planted: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
             runs.append({"dataset": "kvasir", "label": label, "method": method, "eps": eps, "fold": f,
                          "folds": FOLDS, "split_seed": 0, "seed": s, "image_size": 224, "epochs": 200,
                          "pm_variant": None, "pm_field_missing": False,
-                         **{f"test_{m}": float(dice.mean()) for m in report.METRICS},
+                         **{f"test_{m}": float(dice.mean()) for m in run_results.METRICS},
                          "val_dice": 0.75 + offset + rng.normal(0, 0.01), "best_epoch": 100,
                          "n_train": 4 * PER_FOLD * 0.8, "n_val": 4 * PER_FOLD * 0.2, "n_test": PER_FOLD,
                          "n_images": n, "run_dir": run_dir, "mtime": 0.0})
@@ -95,12 +98,12 @@ def claim_columns(table: pd.DataFrame) -> list[str]:
 
 @pytest.fixture(scope="module")
 def null_tables() -> list[pd.DataFrame]:
-    return [report.build_table(*fabricate(seed, planted=False))[0] for seed in range(N_STUDIES)]
+    return [method_table.build_table(*fabricate(seed, planted=False))[0] for seed in range(N_STUDIES)]
 
 
 @pytest.fixture(scope="module")
 def planted_tables() -> list[pd.DataFrame]:
-    return [report.build_table(*fabricate(1000 + seed, planted=True))[0] for seed in range(N_STUDIES)]
+    return [method_table.build_table(*fabricate(1000 + seed, planted=True))[0] for seed in range(N_STUDIES)]
 
 
 def claim_rate(tables: list[pd.DataFrame], column: str, labels=None) -> float:
@@ -152,8 +155,8 @@ def test_the_planted_effect_is_found(planted_tables):
 def test_a_hard_set_chosen_by_the_dice_runs_gives_no_p_value():
     runs, per_image = fabricate(7, planted=False)
     keep = runs["label"] != SELECTION_TAG
-    table, info = report.build_table(runs[keep], per_image[per_image["label"] != SELECTION_TAG])
-    assert info["hard_source"] == {"kvasir": report.SOURCE_OWN}
+    table, info = method_table.build_table(runs[keep], per_image[per_image["label"] != SELECTION_TAG])
+    assert info["hard_source"] == {"kvasir": comparison.SOURCE_OWN}
     assert table["dice_loss_hard_wilcoxon_p_holm"].isna().all()
     assert table["dice_loss_hard_dice_diff_mean"].notna().sum() > 1  # the values are still shown
     # Its bias: on its own bottom quarter `dice` scores below the identical other methods.
@@ -174,14 +177,14 @@ def test_files_give_the_table_of_the_frames(tmp_path):
         if run.method == "polydice":
             config["eps"] = run.eps
         summary = {"config": config, "val_dice": run.val_dice, "n_train": run.n_train, "n_val": run.n_val,
-                   "n_test": run.n_test, **{f"test_{m}": getattr(run, f"test_{m}") for m in report.METRICS}}
+                   "n_test": run.n_test, **{f"test_{m}": getattr(run, f"test_{m}") for m in run_results.METRICS}}
         (folder / "summary.json").write_text(json.dumps(summary))
         rows = per_image[(per_image["label"] == run.label) & (per_image["fold"] == run.fold)
                          & (per_image["seed"] == run.seed)]
         rows[["index", "group", "dice", "difficulty"]].to_csv(folder / "per_image.csv", index=False)
     report.make_report([tmp_path / "study"], tmp_path / "out")
     written = pd.read_csv(tmp_path / "out" / "table.csv").set_index("label")
-    expected = report.build_table(runs, per_image)[0].set_index("label")
+    expected = method_table.build_table(runs, per_image)[0].set_index("label")
     for column in ("dice_mean", "dice_pooled_mean", "n_seeds", "n_pairs", "dice_diff_mean", "wilcoxon_p_holm",
                    "ttest_p_holm", "dice_loss_hard_wilcoxon_p_holm", "dice_diff_ci_low"):
         np.testing.assert_allclose(written.loc[expected.index, column].astype(float),
