@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from polydice.config import TrainConfig
-from polydice.data import SegmentationData, load_dataset, make_folds
+from polydice.data import SegmentationData, load_dataset
+from polydice.dataset import make_folds
+from polydice.device import Hardware
 from polydice.synthetic import make_synthetic
-from polydice.train import _Hardware
 
 from .cases import Workload, epoch_vs_bare_loop, loader_vs_tensors, refresh_vs_naive
 from .timing import CaseResult, machine_lines
@@ -157,7 +158,7 @@ def report(result: CaseResult) -> None:
     print(result.ratio_line(), flush=True)
 
 
-def run_ray_cases(args, settings: Settings, cfg: TrainConfig, data: SegmentationData, hw: _Hardware) -> None:
+def run_ray_cases(args, settings: Settings, cfg: TrainConfig, data: SegmentationData, hw: Hardware) -> None:
     from polydice.tune import init_ray
 
     from .ray_cases import MEMORY_TRIALS, memory_4trials_vs_4x1, tune_vs_direct, tune_whole_vs_direct
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     cfg = base_config(args, settings)
-    hw = _Hardware(cfg)
+    hw = Hardware.from_config(cfg)
     for line in machine_lines(hw, args.threads):
         print(line, flush=True)
 

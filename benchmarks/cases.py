@@ -14,11 +14,13 @@ import numpy as np
 import torch
 
 import polydice.train
+from polydice.checkpoint import RunState
 from polydice.config import TrainConfig
 from polydice.data import SegmentationData, make_loader
+from polydice.device import Hardware, epoch_seed
 from polydice.model import forward_flops, refresh_flops
 from polydice.schedule import EpsilonController
-from polydice.train import RunState, _Hardware, _train_epoch, build_method_loss, build_model, epoch_seed
+from polydice.train import RunSetup, build_method_loss, build_model, train_epoch
 from polydice.uncertainty import estimate_uncertainty, estimate_uncertainty_naive
 
 from .timing import CaseResult, interleaved, median_ratio, rate_line
@@ -33,7 +35,7 @@ class Workload:
     cfg: TrainConfig
     data: SegmentationData
     indices: np.ndarray
-    hw: _Hardware
+    hw: Hardware
     repeats: int
     warmup: bool
     refresh_images: int
@@ -61,9 +63,10 @@ def _parts(work: Workload) -> _Parts:
 
 
 def _project_epoch(work: Workload, cfg: TrainConfig, parts: _Parts):
-    """One call of the project's ``_train_epoch`` (no validation, no ε refresh, no TensorBoard)."""
+    """One call of the project's ``train_epoch`` (no validation, no ε refresh, no TensorBoard)."""
     run = RunState(parts.model, parts.optimizer, work.hw.scaler, parts.controller)
-    return lambda: _train_epoch(run, EPOCH, cfg, parts.loss_fn, work.data, work.indices, work.hw)
+    setup = RunSetup(cfg, work.data, work.hw, parts.loss_fn, work.indices)
+    return lambda: train_epoch(run, EPOCH, setup)
 
 
 def refresh_vs_naive(work: Workload) -> CaseResult:
@@ -96,7 +99,7 @@ def refresh_vs_naive(work: Workload) -> CaseResult:
 def loader_vs_tensors(work: Workload) -> CaseResult:
     """The project's epoch fed by ``make_loader`` with augmentation ÷ fed by pre-built batches.
 
-    Both sides run the same ``_train_epoch`` on the same model; on the second side the module's
+    Both sides run the same ``train_epoch`` on the same model; on the second side the module's
     ``make_loader`` is replaced by the list of batches it would yield without augmentation, built
     (and pinned, on CUDA) before timing. The difference is therefore exactly the per-epoch data
     pipeline: indexing, albumentations, collation and pinning.
@@ -116,8 +119,8 @@ def loader_vs_tensors(work: Workload) -> CaseResult:
     return CaseResult("loader_vs_tensors", median_ratio(times["loader"], times["tensors"]), 1.10, [
         f"loader_vs_tensors: {n} images/epoch, batch {cfg.batch_size}, loader workers {cfg.num_workers}; "
         "training FLOPs = 3 x forward",
-        rate_line("_train_epoch, make_loader + augmentation", times["loader"], n, flops),
-        rate_line("_train_epoch, pre-built batches", times["tensors"], n, flops),
+        rate_line("train_epoch, make_loader + augmentation", times["loader"], n, flops),
+        rate_line("train_epoch, pre-built batches", times["tensors"], n, flops),
     ])
 
 
@@ -151,7 +154,7 @@ def _bare_epoch(work: Workload, parts: _Parts):
 
 
 def epoch_vs_bare_loop(work: Workload) -> CaseResult:
-    """The project's ``_train_epoch`` without augmentation ÷ a bare loop over device tensors.
+    """The project's ``train_epoch`` without augmentation ÷ a bare loop over device tensors.
 
     Included on the project's side: ``make_loader`` (per-image indexing and collation, no
     augmentation: that cost is ``loader_vs_tensors``), host-to-device copies, the ε lookup, the
@@ -164,6 +167,6 @@ def epoch_vs_bare_loop(work: Workload) -> CaseResult:
     n, flops = len(work.indices), 3 * len(work.indices) * work.flops["total"]
     return CaseResult("epoch_vs_bare_loop", median_ratio(times["project"], times["bare"]), 1.05, [
         f"epoch_vs_bare_loop: {n} images/epoch, batch {cfg.batch_size}, no augmentation on either side",
-        rate_line("_train_epoch", times["project"], n, flops),
+        rate_line("train_epoch", times["project"], n, flops),
         rate_line("bare PyTorch loop", times["bare"], n, flops),
     ])

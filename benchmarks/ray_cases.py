@@ -19,10 +19,12 @@ import torch
 from ray import tune
 
 from polydice.config import TrainConfig
-from polydice.data import SegmentationData, make_folds
+from polydice.data import SegmentationData
+from polydice.dataset import make_folds
+from polydice.device import Hardware
 from polydice.model import forward_flops, refresh_flops
 from polydice.schedule import refresh_epochs
-from polydice.train import _Hardware, train
+from polydice.train import train
 from polydice.tune import make_trainable, run_config
 
 from .timing import CaseResult, interleaved, median_ratio, rate_line
@@ -45,7 +47,7 @@ def _fit(trainable, storage: str, name: str, param_space: dict | None = None, co
     return grid
 
 
-def _interleave_tune_direct(under_tune, direct, repeats: int, hw: _Hardware) -> None:
+def _interleave_tune_direct(under_tune, direct, repeats: int, hw: Hardware) -> None:
     """Both sides back to back, ``repeats`` times, without a warm-up call (the Tune side's start-up
     is part of what is measured); the direct side sets the trial's thread count, restored after."""
     outer_threads = torch.get_num_threads()
@@ -66,7 +68,7 @@ def _run_flops(cfg: TrainConfig, data: SegmentationData) -> tuple[int, float]:
     return cfg.epochs * len(train_idx), cfg.epochs * per_epoch + refreshes * refresh
 
 
-def tune_vs_direct(cfg: TrainConfig, data: SegmentationData, hw: _Hardware, threads: int, repeats: int,
+def tune_vs_direct(cfg: TrainConfig, data: SegmentationData, hw: Hardware, threads: int, repeats: int,
                    storage: str) -> CaseResult:
     """Training under Tune ÷ ``train()`` called directly, from the end of epoch 1 to the last epoch.
 
@@ -119,7 +121,7 @@ def tune_vs_direct(cfg: TrainConfig, data: SegmentationData, hw: _Hardware, thre
     ])
 
 
-def tune_whole_vs_direct(cfg: TrainConfig, data: SegmentationData, hw: _Hardware, threads: int, repeats: int,
+def tune_whole_vs_direct(cfg: TrainConfig, data: SegmentationData, hw: Hardware, threads: int, repeats: int,
                          storage: str, trials: int = 4) -> CaseResult:
     """``trials`` short trials one after another under Tune, start-up included ÷ the same runs
     called directly one after another in one process.
@@ -238,7 +240,7 @@ def _max_overlap(grid: tune.ResultGrid) -> int:
     return max(itertools.accumulate(step for _, step in events))
 
 
-def _footprint(cfg: TrainConfig, data: SegmentationData, hw: _Hardware, storage: str, name: str,
+def _footprint(cfg: TrainConfig, data: SegmentationData, hw: Hardware, storage: str, name: str,
                trials: int) -> tuple[int, int, int]:
     """Peak node PSS above the level before the dataset enters the object store, while ``trials``
     trials run at once; how many did overlap; how many PSS samples were taken."""
@@ -250,7 +252,7 @@ def _footprint(cfg: TrainConfig, data: SegmentationData, hw: _Hardware, storage:
     return peak.value - baseline, _max_overlap(grid), peak.samples
 
 
-def memory_4trials_vs_4x1(cfg: TrainConfig, data: SegmentationData, hw: _Hardware, repeats: int,
+def memory_4trials_vs_4x1(cfg: TrainConfig, data: SegmentationData, hw: Hardware, repeats: int,
                           storage: str) -> CaseResult:
     """Peak PSS of 4 concurrent trials ÷ 4 × that of one trial, each above the pre-put baseline.
 

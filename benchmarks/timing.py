@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from polydice.train import _Hardware
+from polydice.device import Hardware
 
 
 @dataclass
@@ -78,7 +78,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_lines(hw: _Hardware, threads: int) -> list[str]:
+def machine_lines(hw: Hardware, threads: int) -> list[str]:
     device = str(hw.device)
     if hw.device.type == "cuda":
         device += f" ({torch.cuda.get_device_name(hw.device)})"

@@ -1,8 +1,9 @@
 """Polyp segmentation data: Kvasir-SEG, CVC-ClinicDB and the synthetic set (:mod:`polydice.synthetic`).
 
 Every dataset is decoded and resized once, at load time, and held in memory as uint8 arrays:
-``images (N, S, S, 3)`` RGB and ``masks (N, S, S)`` in {0, 1}. On top of that sit the
-cross-validation folds (by image, or by video sequence for CVC-ClinicDB), the augmentation of the
+``images (N, S, S, 3)`` RGB and ``masks (N, S, S)`` in {0, 1}, as a
+:class:`~polydice.dataset.SegmentationData` with its cross-validation folds (by image, or by video
+sequence for CVC-ClinicDB; :func:`~polydice.dataset.make_folds`). On top of that sit the augmentation of the
 thesis (flips and brightness/contrast, each p = 0.5) and seeded data loaders that yield uint8
 tensors, so that host-to-device copies stay small; conversion to float happens on the device.
 """
@@ -13,7 +14,6 @@ import copy
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import albumentations as A
@@ -25,9 +25,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from . import synthetic
 from .config import DATASETS
-
-MIN_IMAGE_SIZE = 8
+from .dataset import MIN_IMAGE_SIZE, DataError, SegmentationData
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 _TIFF_SUFFIXES = (".tif", ".tiff")
@@ -45,66 +45,6 @@ CVC_SEQUENCE_ENDS = np.array(
      342, 363, 383, 408, 428, 447, 466, 478, 503, 528, 546, 571, 591, 612]
 )
 CVC_N_FRAMES = 612
-
-
-class DataError(ValueError):
-    """A dataset, file or split request that cannot be used; the message names the path."""
-
-
-@dataclass
-class SegmentationData:
-    """A whole dataset, decoded and resized, in memory.
-
-    Attributes:
-        name: ``'synthetic'``, ``'kvasir'`` or ``'cvc'``.
-        images: ``(N, S, S, 3)`` uint8 RGB.
-        masks: ``(N, S, S)`` uint8 in {0, 1}.
-        groups: ``(N,)`` int64, the unit that folds never split: the video sequence for
-            CVC-ClinicDB, one distinct group per image otherwise.
-        names: ``N`` file stems (or ids for the synthetic set).
-
-    Raises:
-        DataError: if the arrays do not have these shapes and dtypes or disagree on N.
-    """
-
-    name: str
-    images: np.ndarray
-    masks: np.ndarray
-    groups: np.ndarray
-    names: list[str]
-    # (n_folds, seed, val_fraction) -> make_folds' result; see folds().
-    _folds: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        n = len(self.images)
-        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[3] != 3:
-            raise DataError(f"images must be (N, S, S, 3) uint8, got {self.images.shape} {self.images.dtype}")
-        if self.masks.dtype != np.uint8 or self.masks.shape != self.images.shape[:3]:
-            raise DataError(
-                f"masks must be {self.images.shape[:3]} uint8 to match the images, "
-                f"got {self.masks.shape} {self.masks.dtype}"
-            )
-        if self.groups.shape != (n,) or len(self.names) != n:
-            raise DataError(
-                f"{n} images need {n} groups and names, got {self.groups.shape} groups, {len(self.names)} names"
-            )
-
-    @property
-    def n_groups(self) -> int:
-        """Number of distinct groups (video sequences for CVC-ClinicDB)."""
-        return int(np.unique(self.groups).size)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def folds(self, n_folds: int = 5, seed: int = 0, val_fraction: float = 0.2) -> list:
-        """:func:`make_folds` of this dataset's groups, computed once per argument set and kept
-        with the data: a study computes its folds in the driver before the data goes to the
-        trials, which then neither split again nor load scikit-learn (about 1 s per trial process)."""
-        key = (int(n_folds), int(seed), float(val_fraction))
-        if key not in self._folds:
-            self._folds[key] = make_folds(self.groups, n_folds, seed=seed, val_fraction=val_fraction)
-        return self._folds[key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,10 +106,7 @@ def load_dataset(
     if sequence_csv is not None and name != "cvc":
         raise DataError(f"sequence_csv only applies to the 'cvc' dataset, got it for {name!r}")
     if name == "synthetic":
-        # Imported here: the generator builds on this module's SegmentationData.
-        from .synthetic import make_synthetic
-
-        return make_synthetic(n_synthetic, image_size, seed)
+        return synthetic.make_synthetic(n_synthetic, image_size, seed)
 
     if root is None:
         raise DataError(f"dataset {name!r} needs root, the folder that holds its images")
@@ -333,20 +270,20 @@ def _load_pair(image_path: Path, mask_path: Path, size: int) -> tuple[np.ndarray
     Raises:
         DataError: a file cannot be decoded, the image is not 3-channel, or the sizes differ.
     """
-    image, image_hw = _read(image_path, size)
-    mask, mask_hw = _read(mask_path, size)
+    image, image_hw = decode_image(image_path, size)
+    mask, mask_hw = decode_image(mask_path, size)
     if image_hw != mask_hw:
         raise DataError(
             f"mask {mask_path} is {mask_hw[1]}x{mask_hw[0]} (WxH) but its image {image_path} "
             f"is {image_hw[1]}x{image_hw[0]}"
         )
-    image = _resize(_as_rgb8(image, image_path), size)
+    image = resize_square(as_rgb8(image, image_path), size)
     _check_float_values(mask, mask_path)
-    mask = _resize(_binarise(mask) * np.uint8(255), size) > 127
+    mask = resize_square(_binarise(mask) * np.uint8(255), size) > 127
     return image, mask.astype(np.uint8)
 
 
-def _read(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+def decode_image(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode a file as stored: ``(H, W)`` or ``(H, W, C)`` in RGB(A) order, any dtype.
 
     JPEGs may come back reduced (by up to 8x, never below ``size`` on either side).
@@ -443,7 +380,7 @@ def _check_float_values(array: np.ndarray, path: Path) -> None:
                         "in [0, 1] (store 8- or 16-bit integers otherwise)")
 
 
-def _as_rgb8(array: np.ndarray, path: Path) -> np.ndarray:
+def as_rgb8(array: np.ndarray, path: Path) -> np.ndarray:
     """``(H, W, 3)`` uint8 RGB from a decoded image, alpha dropped, 16 bit scaled.
 
     Raises:
@@ -476,7 +413,7 @@ def _binarise(mask: np.ndarray) -> np.ndarray:
     return (_to_uint8(mask) > 127).astype(np.uint8)
 
 
-def _resize(array: np.ndarray, size: int) -> np.ndarray:
+def resize_square(array: np.ndarray, size: int) -> np.ndarray:
     """Resize ``(H, W)`` or ``(H, W, C)`` to ``(size, size)``: area averaging when shrinking."""
     height, width = array.shape[:2]
     if (height, width) == (size, size):
@@ -484,69 +421,6 @@ def _resize(array: np.ndarray, size: int) -> np.ndarray:
     # INTER_AREA averages every source pixel (no aliasing) but is meant for shrinking only.
     interpolation = cv2.INTER_AREA if height >= size and width >= size else cv2.INTER_LINEAR
     return cv2.resize(np.ascontiguousarray(array), (size, size), interpolation=interpolation)
-
-
-# ---------------------------------------------------------------------------------------------
-# Cross-validation folds
-# ---------------------------------------------------------------------------------------------
-
-def make_folds(
-    groups, n_folds: int = 5, seed: int = 0, val_fraction: float = 0.2
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Cross-validation folds with an inner validation split, never splitting a group.
-
-    The test parts come from ``KFold(shuffle=True, random_state=seed)`` when every image is its
-    own group (Kvasir-SEG, synthetic) and from ``GroupKFold`` otherwise (CVC-ClinicDB sequences;
-    shuffled with ``seed`` where scikit-learn >= 1.6 supports it). Each fold's validation part is
-    ``GroupShuffleSplit(test_size=val_fraction, random_state=seed + fold)`` of its training part.
-
-    Args:
-        groups: ``(N,)`` group of each image (``SegmentationData.groups``).
-        n_folds: number of folds, 2 <= n_folds <= number of groups.
-        seed: seed of the shuffles.
-        val_fraction: fraction of the training part's groups held out for validation, in (0, 1).
-
-    Returns:
-        ``n_folds`` tuples ``(train, val, test)`` of sorted int64 index arrays; the test parts
-        partition ``range(N)`` and no group appears in two parts of one fold.
-
-    Raises:
-        DataError: n_folds < 2 or more folds than groups; val_fraction outside (0, 1); a training
-            part with too few groups to hold out a validation part.
-    """
-    # Imported here: a trial process that gets its folds with the data never needs scikit-learn.
-    from sklearn.model_selection import GroupKFold, GroupShuffleSplit, KFold
-
-    groups = np.asarray(groups).reshape(-1)
-    n_groups = np.unique(groups).size
-    if n_folds < 2:
-        raise DataError(f"n_folds must be >= 2, got {n_folds}")
-    if n_folds > n_groups:
-        raise DataError(
-            f"cannot make {n_folds} folds from {n_groups} groups: every test part needs a whole "
-            "group (a video sequence for CVC-ClinicDB, an image otherwise)"
-        )
-    if not 0 < val_fraction < 1:
-        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
-
-    if n_groups == len(groups):
-        splits = KFold(n_folds, shuffle=True, random_state=seed).split(groups)
-    else:
-        # Shuffled, seeded group folds need scikit-learn >= 1.6 (the floor in pyproject.toml).
-        splits = GroupKFold(n_folds, shuffle=True, random_state=seed).split(groups, groups=groups)
-
-    folds = []
-    for fold, (train_val, test) in enumerate(splits):
-        inner = GroupShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed + fold)
-        try:
-            train, val = next(inner.split(train_val, groups=groups[train_val]))
-        except ValueError as error:
-            raise DataError(
-                f"fold {fold}: its training part has {np.unique(groups[train_val]).size} group(s), "
-                f"too few to hold out val_fraction={val_fraction}: {error}"
-            ) from error
-        folds.append(tuple(np.sort(part).astype(np.int64) for part in (train_val[train], train_val[val], test)))
-    return folds
 
 
 # ---------------------------------------------------------------------------------------------

@@ -285,8 +285,6 @@ def ce_dice_loss(logits: Tensor, target: Tensor, smooth: float = SMOOTH) -> Tens
 class SegmentationLoss(nn.Module):
     """Common interface: ``forward(logits (B, 2, H, W), target (B, H, W), eps=None) -> (B,)``."""
 
-    uses_eps = False
-
     def forward(self, logits: Tensor, target: Tensor, eps: float | Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
@@ -372,8 +370,6 @@ class PolyDiceLoss(SegmentationLoss):
     The training loop's ``build_loss("polydice")`` binds ``include_background=False`` and
     ``reduction="none"``: on the U-Net's two-class logits that is the per-image foreground loss.
     """
-
-    uses_eps = True
 
     def __init__(
         self,

@@ -55,14 +55,14 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from .checkpoint import MODEL_FILE
 from .config import run_label
-from .data import CVC_LAYOUTS, IMAGE_SUFFIXES, DataError, _as_rgb8, _read, _resize
+from .data import CVC_LAYOUTS, IMAGE_SUFFIXES, DataError, as_rgb8, decode_image, resize_square
 from .losses import foreground_probs
-from .model import ModelFileError, UNet, load_model_file, to_input
-from .train import resolve_device
-from .uncertainty import _autocast, binary_entropy, difficulty_scores, estimate_uncertainty
+from .device import Hardware, resolve_device
+from .model import ModelFileError, UNet, load_model_file
+from .uncertainty import binary_entropy, difficulty_scores, estimate_uncertainty
 
-MODEL_FILE = "model.pt"
 MI_MAX = math.log(2.0)  # the largest mutual information of a binary prediction, in nats
 OVERLAY_MI_MAX = MI_MAX / 4  # where the overlay's colours saturate
 # Image folders of the training layouts (Kvasir-SEG, then CVC-ClinicDB's), tried in this order
@@ -142,10 +142,9 @@ class Ensemble:
         return f"ensemble of {len(self.models)} {self.label} models (folds {folds})"
 
     def to(self, device: torch.device | str) -> "Ensemble":
-        device = torch.device(device)
-        memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        hw = Hardware(device)
         for model in self.models:
-            model.to(device, memory_format=memory_format)
+            model.to(hw.device, memory_format=hw.memory_format)
         return self
 
     def probabilities(self, images: Tensor, amp: bool = True) -> Tensor:
@@ -158,10 +157,9 @@ class Ensemble:
         Returns:
             ``(B, S, S)`` float32 on the CPU.
         """
-        device = self.device
-        memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-        x = to_input(images.to(device).permute(0, 3, 1, 2)).contiguous(memory_format=memory_format)
-        with torch.inference_mode(), _autocast(device, amp):
+        hw = Hardware(self.device, amp)
+        x = hw.images(images.permute(0, 3, 1, 2))
+        with torch.inference_mode(), hw.autocast():
             total = sum(foreground_probs(model(x)) for model in self.models)  # float32
         return (total / len(self.models)).cpu()
 
@@ -309,11 +307,11 @@ def read_image(path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     Raises:
         DataError: the file cannot be decoded or is not 3-channel RGB.
     """
-    array, (height, width) = _read(path, size)
-    image = _as_rgb8(array, path)
-    model_input = _resize(image, size)
+    array, (height, width) = decode_image(path, size)
+    image = as_rgb8(array, path)
+    model_input = resize_square(image, size)
     if image.shape[:2] != (height, width):  # a JPEG decoded reduced (draft mode): decode it whole
-        image = _as_rgb8(_read(path, max(height, width))[0], path)
+        image = as_rgb8(decode_image(path, max(height, width))[0], path)
     return model_input, image
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from .data import MIN_IMAGE_SIZE, DataError, SegmentationData
+from .dataset import MIN_IMAGE_SIZE, DataError, SegmentationData
 
 
 def make_synthetic(n: int = 96, image_size: int = 64, seed: int = 0) -> SegmentationData:

@@ -5,7 +5,8 @@ refreshes the per-image ε of the adaptive method on the schedule of Algorithm 1
 epoch, keeps the weights of the best validation epoch as ``model.pt`` and tests them at the end.
 ``report(metrics, checkpoint)`` is called after every epoch so that Ray Tune (``polydice.tune``)
 can plug in without this module importing Ray. Everything a run carries across a checkpoint lives
-in one :class:`RunState`.
+in one :class:`~polydice.checkpoint.RunState`, what it holds fixed in one :class:`RunSetup`; the
+evaluation is :mod:`polydice.evaluate`'s, the device choices :mod:`polydice.device`'s.
 
 Command line (one flag per :class:`~polydice.config.TrainConfig` field, see ``--help``)::
 
@@ -14,16 +15,13 @@ Command line (one flag per :class:`~polydice.config.TrainConfig` field, see ``--
     python -m polydice.train --resume runs/demo --epochs 8   # continue from runs/demo/checkpoint.pt
 """
 
+
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
-import random
 import sys
 import time
-from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -33,180 +31,24 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import (CHECKPOINT_FILE, EPSILON_FILE, HISTORY_FILE, MODEL_FILE, PER_IMAGE_FILE,
+                         PREVIOUS_CHECKPOINT_FILE, RESUMABLE_CHANGES, SUMMARY_FILE, RunResult, RunState,
+                         checkpoint_state, load_run_checkpoint, restore_checkpoint, resumed_config, save_checkpoint,
+                         write_outputs)
 from .config import TrainConfig
 from .data import DataError, SegmentationData, build_augmentation, load_dataset, make_loader
-from .losses import build_loss, foreground_probs
-from .metrics import all_metrics, hardest_quartile_mean, segmentation_metrics
-from .model import UNet, save_model_file, to_input
+from .device import Hardware, epoch_seed, seed_everything
+from .evaluate import per_image_test_metrics, run_uncertainty, summarise_test, validation_dice, validation_threshold
+from .losses import build_loss
+from .model import UNet, save_model_file
 from .schedule import EpsilonController, refresh_epochs
-from .uncertainty import estimate_uncertainty
 
 ReportFn = Callable[[dict, "dict | None"], None]
-CHECKPOINT_VERSION = 2
-CHECKPOINT_FILE = "checkpoint.pt"
-# The command line keeps the checkpoint that the last one replaced, for when the last one is unreadable.
-PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"
-# What a version-2 checkpoint holds: {"version", "config", "run"}, "run" being RunState.state_dict().
-RUN_STATE_KEYS = ("epoch", "model", "optimizer", "scaler", "controller", "history", "eps_records", "best")
-MODEL_FILE = "model.pt"
-EPSILON_COLUMNS = ["epoch", "index", "difficulty", "epsilon"]
-# Foreground probability thresholds searched on the validation split for model.pt: 0.05 ... 0.95.
-THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
-# Fields a resumed run may change: more epochs, or other hardware; none changes what is computed
-# per epoch except through the device's arithmetic.
-RESUMABLE_CHANGES = {"epochs", "device", "amp", "channels_last", "compile", "num_workers", "mc_memory_gb",
-                     "log_maps", "log_every", "tensorboard", "data_dir"}
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the message says at which epoch and batch, and
     which images of that batch had a non-finite loss."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: unreadable, truncated, of another format version, or not a
-    polydice checkpoint at all. The message names the file."""
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (a full disk, read-only storage); the message names the
-    file. Nothing half-written is left under the checkpoint's name."""
-
-
-@dataclass
-class RunResult:
-    """Everything a run produces; :func:`write_outputs` turns it into files."""
-
-    summary: dict
-    history: pd.DataFrame
-    epsilon: pd.DataFrame
-    per_image: pd.DataFrame = field(default_factory=pd.DataFrame)
-
-
-@dataclass
-class BestEpoch:
-    """The epoch with the highest validation Dice so far and, when kept, its weights."""
-
-    val_dice: float = -math.inf
-    epoch: int = 0
-    state: dict[str, Tensor] | None = None
-
-
-@dataclass
-class RunState:
-    """Everything a run carries from one epoch to the next and across a checkpoint.
-
-    The training loop takes this one object. :meth:`state_dict` holds tensors and plain Python
-    values only, so that a checkpoint loads with ``torch.load(..., weights_only=True)``. Random
-    state needs no saving: each epoch reseeds from ``(seed, epoch)``.
-
-    Attributes:
-        model, optimizer, scaler: the U-Net, its Adam optimizer and the AMP loss scaler.
-        controller: the per-image ε table of the adaptive method; ``None`` for the others.
-        epoch: the last finished epoch (0 before the first).
-        history: one metrics dict per finished epoch.
-        eps_records: one ``epoch,index,difficulty,epsilon`` frame per ε refresh.
-        best: the best validation epoch so far, with its weights when the run selects them.
-    """
-
-    model: UNet
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    controller: EpsilonController | None = None
-    epoch: int = 0
-    history: list[dict] = field(default_factory=list)
-    eps_records: list[pd.DataFrame] = field(default_factory=list)
-    best: BestEpoch = field(default_factory=BestEpoch)
-
-    def record_validation(self, epoch: int, val_dice: float, keep_weights: bool) -> None:
-        """Make ``epoch`` the best one if its validation Dice beats every earlier epoch's."""
-        if val_dice > self.best.val_dice:
-            weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if keep_weights else None
-            self.best = BestEpoch(float(val_dice), int(epoch), weights)
-
-    def load_selected_weights(self, select_best: bool) -> tuple[int, float]:
-        """Put the weights the run keeps into the model: the best validation epoch's when
-        ``select_best`` (else, or when no epoch was validated, the last epoch's).
-
-        Returns:
-            ``(epoch, val_dice)`` of those weights.
-        """
-        if select_best and self.best.state is not None:
-            self.model.load_state_dict(self.best.state)
-            return self.best.epoch, self.best.val_dice
-        return self.epoch, self.history[-1]["val_dice"] if self.history else float("nan")
-
-    def epsilon_table(self) -> pd.DataFrame:
-        """Every refresh's ε, ``epoch,index,difficulty,epsilon``, in refresh order."""
-        if not self.eps_records:
-            return pd.DataFrame(columns=EPSILON_COLUMNS)
-        return pd.concat(self.eps_records, ignore_index=True)
-
-    def state_dict(self) -> dict:
-        eps = pd.concat(self.eps_records, ignore_index=True) if self.eps_records else None
-        eps_columns = None if eps is None else {col: torch.tensor(eps[col].to_numpy()) for col in EPSILON_COLUMNS}
-        return {
-            "epoch": int(self.epoch),
-            "model": _cpu_copy(self.model.state_dict()),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "controller": None if self.controller is None else self.controller.state_dict(),
-            "history": [dict(h) for h in self.history],
-            "eps_records": eps_columns,
-            "best": {
-                "val_dice": float(self.best.val_dice),
-                "epoch": int(self.best.epoch),
-                "state": None if self.best.state is None else _cpu_copy(self.best.state),
-            },
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore from :meth:`state_dict`; tensors move to the model's device.
-
-        Raises:
-            ValueError: when the state has an ε table and this run has no controller, or the
-                reverse (another method), or its ε table belongs to other training images.
-        """
-        if (state["controller"] is None) != (self.controller is None):
-            raise ValueError("the saved run and this one differ in whether they have an ε controller")
-        device = next(self.model.parameters()).device
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])  # moves its state to the parameters' device
-        self.scaler.load_state_dict(state["scaler"])
-        if self.controller is not None:
-            self.controller.load_state_dict(state["controller"])
-        self.epoch = int(state["epoch"])
-        self.history = [dict(h) for h in state["history"]]
-        records = state["eps_records"]
-        self.eps_records = [] if records is None else [pd.DataFrame({k: v.numpy() for k, v in records.items()})]
-        best = state["best"]
-        weights = None if best["state"] is None else {k: v.to(device) for k, v in best["state"].items()}
-        self.best = BestEpoch(float(best["val_dice"]), int(best["epoch"]), weights)
-
-
-def _cpu_copy(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in tensors.items()}
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` → the visible CUDA device if any (Ray sets CUDA_VISIBLE_DEVICES per trial), else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """Every epoch reseeds from (seed, epoch), so a resumed run replays the same random stream."""
-    return (int(seed) * 1_000_003 + int(epoch) * 7919) % 2**31
 
 
 def load_data(cfg: TrainConfig) -> SegmentationData:
@@ -235,57 +77,53 @@ def build_method_loss(cfg: TrainConfig) -> nn.Module:
     return build_loss(cfg.method, **kwargs.get(cfg.method, {}))
 
 
-class _Hardware:
-    """Device-dependent choices, all decided once from the device: AMP, channels-last, pinning."""
+@dataclass
+class RunSetup:
+    """What a run holds fixed from its first epoch to its last: the config, the data and its split,
+    the hardware, the loss, and the module that runs the training forward pass.
 
-    def __init__(self, cfg: TrainConfig):
-        self.device = resolve_device(cfg.device)
-        cuda = self.device.type == "cuda"
-        self.amp_dtype = None
-        if cfg.amp and cuda:
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.memory_format = torch.channels_last if cfg.channels_last and cuda else torch.contiguous_format
-        self.pin_memory = cuda
-        # fp16 needs loss scaling; bf16 has float32's range and does not.
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        if cuda:
-            torch.backends.cudnn.benchmark = True
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def images(self, images: Tensor) -> Tensor:
-        """uint8 (B, 3, H, W) on the host → float input on the device."""
-        return to_input(images.to(self.device, non_blocking=True)).contiguous(memory_format=self.memory_format)
-
-
-def _per_image_metrics(model: nn.Module, data: SegmentationData, indices: np.ndarray, hw: _Hardware,
-                       batch_size: int, metrics: Callable[[Tensor, Tensor], dict[str, Tensor]]) -> dict[str, Tensor]:
-    """``metrics(probs (B, H, W), masks (B, H, W))`` batch by batch in full eval mode, each key's
-    ``(B,)`` values concatenated in ``indices`` order.
-
-    Streaming keeps the memory of one batch: all probabilities of a large validation set at
-    full resolution would not fit beside concurrent trials.
+    Attributes:
+        train_idx, val_idx, test_idx: the fold's parts, indices into ``data``.
+        step_model: ``torch.compile`` of the run's model when the config asks for it; ``None``:
+            the model itself.
     """
-    model.eval()
-    if len(indices) == 0:
-        empty = torch.empty(0, *data.masks.shape[1:])
-        return metrics(empty, empty.to(torch.uint8))
-    parts: dict[str, list[Tensor]] = {}
-    for start in range(0, len(indices), batch_size):
-        sel = indices[start : start + batch_size]
-        with torch.inference_mode(), hw.autocast():
-            x = hw.images(torch.from_numpy(data.images[sel]).permute(0, 3, 1, 2))
-            probs = foreground_probs(model(x)).float().cpu()
-        for key, value in metrics(probs, torch.from_numpy(data.masks[sel])).items():
-            parts.setdefault(key, []).append(value)
-    return {key: torch.cat(values) for key, values in parts.items()}
+
+    cfg: TrainConfig
+    data: SegmentationData
+    hw: Hardware
+    loss_fn: nn.Module
+    train_idx: np.ndarray
+    val_idx: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    test_idx: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    step_model: nn.Module | None = None
+
+    @property
+    def val_eval_idx(self) -> np.ndarray:
+        """The validation images evaluated each epoch: all, or the first ``max_batches`` batches."""
+        cfg = self.cfg
+        return self.val_idx[: cfg.max_batches * cfg.batch_size] if cfg.max_batches else self.val_idx
 
 
-def _validation_dice(model, data, indices, hw, batch_size) -> float:
-    return float(_per_image_metrics(model, data, indices, hw, batch_size, segmentation_metrics)["dice"].mean())
+def _start(cfg: TrainConfig, data: SegmentationData | None) -> tuple[RunSetup, RunState]:
+    """The hardware, data, split, model, loss, optimizer and ε controller of a new run, seeded."""
+    seed_everything(cfg.seed)
+    hw = Hardware.from_config(cfg)
+    if data is None:
+        data = load_data(cfg)
+    elif data.images.shape[1] != cfg.image_size:
+        raise ValueError(f"data holds {data.images.shape[1]}px images but the config asks for {cfg.image_size}px")
+    train_idx, val_idx, test_idx = data.folds(cfg.folds, cfg.split_seed, cfg.val_fraction)[cfg.fold]
+
+    model = build_model(cfg).to(hw.device, memory_format=hw.memory_format)
+    step_model = torch.compile(model) if cfg.compile else model
+    setup = RunSetup(cfg, data, hw, build_method_loss(cfg), train_idx, val_idx, test_idx, step_model)
+    controller = (
+        EpsilonController(train_idx, cfg.e0, cfg.tau, cfg.q, cfg.k, cfg.eps_min, cfg.eps_max, cfg.delta)
+        if cfg.uses_controller
+        else None
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return setup, RunState(model, optimizer, hw.scaler, controller)
 
 
 def _map_panel(maps: dict[str, Tensor]) -> np.ndarray:
@@ -365,29 +203,10 @@ def train(
     out_path = Path(out_dir) if out_dir is not None else None
     if out_path is not None:
         out_path.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    hw = _Hardware(cfg)
-
-    if data is None:
-        data = load_data(cfg)
-    elif data.images.shape[1] != cfg.image_size:
-        raise ValueError(f"data holds {data.images.shape[1]}px images but the config asks for {cfg.image_size}px")
-    train_idx, val_idx, test_idx = data.folds(cfg.folds, cfg.split_seed, cfg.val_fraction)[cfg.fold]
-    val_eval_idx = val_idx[: cfg.max_batches * cfg.batch_size] if cfg.max_batches else val_idx
-
-    model = build_model(cfg).to(hw.device, memory_format=hw.memory_format)
-    step_model = torch.compile(model) if cfg.compile else model
-    loss_fn = build_method_loss(cfg)
-    controller = (
-        EpsilonController(train_idx, cfg.e0, cfg.tau, cfg.q, cfg.k, cfg.eps_min, cfg.eps_max, cfg.delta)
-        if cfg.uses_controller
-        else None
-    )
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    run = RunState(model, optimizer, hw.scaler, controller)
+    setup, run = _start(cfg, data)
     if resume is not None:
         restore_checkpoint(resume, cfg, run)
-    refreshes = set(refresh_epochs(cfg.epochs, cfg.e0, cfg.tau)) if controller else set()
+    refreshes = set(refresh_epochs(cfg.epochs, cfg.e0, cfg.tau)) if run.controller else set()
 
     writer = _Writer(out_path, cfg.tensorboard)
     writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in cfg.to_dict().items()), 0)
@@ -399,72 +218,14 @@ def train(
 
     try:
         for epoch in range(run.epoch + 1, cfg.epochs + 1):
-            seed_everything(epoch_seed(cfg.seed, epoch))
-            epoch_start = time.perf_counter()
-            refreshed = controller is not None and epoch in refreshes
-            if refreshed:
-                _refresh(run, epoch, cfg, data, train_idx, hw, writer)
-
-            train_loss = _train_epoch(run, epoch, cfg, loss_fn, data, train_idx, hw, step_model)
-            val_dice = _validation_dice(model, data, val_eval_idx, hw, cfg.batch_size)
-            run.record_validation(epoch, val_dice, keep_weights=cfg.select_best)
-            metrics = {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "val_dice": val_dice,
-                "best_val_dice": run.best.val_dice,
-                "best_epoch": run.best.epoch,
-                "epoch_seconds": time.perf_counter() - epoch_start,
-            }
-            if controller is not None:
-                metrics.update(
-                    eps_mean=float(controller.epsilon.mean()),
-                    eps_std=float(controller.epsilon.std(unbiased=False)),
-                    refreshed=refreshed,
-                )
-            run.history.append(metrics)
-            run.epoch = epoch
-            writer.add_scalar("loss/train", train_loss, epoch)
-            writer.add_scalar("dice/val", val_dice, epoch)
-            writer.flush()
+            metrics = _run_epoch(run, epoch, setup, epoch in refreshes, writer)
             if bar is not None:
-                bar.set_postfix(loss=f"{train_loss:.4f}", val_dice=f"{val_dice:.4f}")
+                bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", val_dice=f"{metrics['val_dice']:.4f}")
                 bar.update(1)
             if report is not None:
-                due = refreshed or epoch == cfg.epochs or (checkpoint_every and epoch % checkpoint_every == 0)
+                due = epoch in refreshes or epoch == cfg.epochs or (checkpoint_every and epoch % checkpoint_every == 0)
                 report(dict(metrics), checkpoint_state(cfg, run) if due else None)
-
-        model_epoch, model_val_dice = run.load_selected_weights(cfg.select_best)
-        threshold, threshold_dice = _validation_threshold(model, data, val_eval_idx, hw, cfg.batch_size)
-        if out_path is not None:
-            save_model_file(out_path / MODEL_FILE, model.state_dict(), cfg.to_dict(), epoch=model_epoch,
-                            val_dice=model_val_dice, threshold=threshold)
-        summary = {
-            "config": cfg.to_dict(),
-            "dataset_size": len(data),
-            "n_groups": int(data.n_groups),
-            "n_train": len(train_idx),
-            "n_val": len(val_idx),
-            "n_test": len(test_idx),
-            "val_dice": model_val_dice,
-            "best_epoch": run.best.epoch,
-            "model_epoch": model_epoch,
-            "val_threshold": threshold,
-            "val_dice_at_threshold": threshold_dice,
-            "final_val_dice": run.history[-1]["val_dice"] if run.history else float("nan"),
-            "device": str(hw.device),
-            "refresh_epochs": sorted(refreshes),
-        }
-        per_image = pd.DataFrame()
-        if evaluate_test:
-            per_image = _test(cfg, model, data, test_idx, hw)
-            for key in ("dice", "iou", "precision", "recall", "nsd", "nll", "brier"):
-                summary[f"test_{key}"] = float(per_image[key].mean())
-            summary["test_dice_hardest_quartile"] = hardest_quartile_mean(
-                per_image["dice"].to_numpy(), per_image["difficulty"].to_numpy()
-            )
-            for key in ("dice", "iou", "nsd"):
-                writer.add_scalar(f"test/{key}", summary[f"test_{key}"], cfg.epochs)
+        summary, per_image = _finish(run, setup, sorted(refreshes), out_path, evaluate_test, writer)
     finally:
         writer.close()
         if bar is not None:
@@ -476,22 +237,84 @@ def train(
     return result
 
 
-def _refresh(run: RunState, epoch: int, cfg: TrainConfig, data: SegmentationData, train_idx: np.ndarray,
-             hw: _Hardware, writer: _Writer) -> None:
+def _run_epoch(run: RunState, epoch: int, setup: RunSetup, refresh: bool, writer: _Writer) -> dict:
+    """Epoch ``epoch`` of Algorithm 1: refresh ε when due, train, validate; returns its metrics,
+    which it also appends to ``run.history``."""
+    cfg = setup.cfg
+    seed_everything(epoch_seed(cfg.seed, epoch))
+    epoch_start = time.perf_counter()
+    if refresh:
+        _refresh(run, epoch, setup, writer)
+
+    train_loss = train_epoch(run, epoch, setup)
+    val_dice = validation_dice(run.model, setup.data, setup.val_eval_idx, setup.hw, cfg.batch_size)
+    run.record_validation(epoch, val_dice, keep_weights=cfg.select_best)
+    metrics = {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "val_dice": val_dice,
+        "best_val_dice": run.best.val_dice,
+        "best_epoch": run.best.epoch,
+        "epoch_seconds": time.perf_counter() - epoch_start,
+    }
+    if run.controller is not None:
+        metrics.update(
+            eps_mean=float(run.controller.epsilon.mean()),
+            eps_std=float(run.controller.epsilon.std(unbiased=False)),
+            refreshed=refresh,
+        )
+    run.history.append(metrics)
+    run.epoch = epoch
+    writer.add_scalar("loss/train", train_loss, epoch)
+    writer.add_scalar("dice/val", val_dice, epoch)
+    writer.flush()
+    return metrics
+
+
+def _finish(run: RunState, setup: RunSetup, refreshes: list[int], out_path: Path | None, evaluate_test: bool,
+            writer: _Writer) -> tuple[dict, pd.DataFrame]:
+    """After the last epoch: put the kept weights into the model, choose their threshold on the
+    validation split, save them as ``model.pt`` and, when ``evaluate_test``, test them.
+
+    Returns:
+        The run's summary, and the per-image test metrics (empty when not tested).
+    """
+    cfg, model, data = setup.cfg, run.model, setup.data
+    model_epoch, model_val_dice = run.load_selected_weights(cfg.select_best)
+    threshold, threshold_dice = validation_threshold(model, data, setup.val_eval_idx, setup.hw, cfg.batch_size)
+    if out_path is not None:
+        save_model_file(out_path / MODEL_FILE, model.state_dict(), cfg.to_dict(), epoch=model_epoch,
+                        val_dice=model_val_dice, threshold=threshold)
+    summary = {
+        "config": cfg.to_dict(),
+        "dataset_size": len(data),
+        "n_groups": int(data.n_groups),
+        "n_train": len(setup.train_idx),
+        "n_val": len(setup.val_idx),
+        "n_test": len(setup.test_idx),
+        "val_dice": model_val_dice,
+        "best_epoch": run.best.epoch,
+        "model_epoch": model_epoch,
+        "val_threshold": threshold,
+        "val_dice_at_threshold": threshold_dice,
+        "final_val_dice": run.history[-1]["val_dice"] if run.history else float("nan"),
+        "device": str(setup.hw.device),
+        "refresh_epochs": refreshes,
+    }
+    per_image = pd.DataFrame()
+    if evaluate_test:
+        per_image = per_image_test_metrics(cfg, model, data, setup.test_idx, setup.hw,
+                                           seed=epoch_seed(cfg.seed, cfg.epochs + 1))
+        summary.update(summarise_test(per_image))
+        for key in ("dice", "iou", "nsd"):
+            writer.add_scalar(f"test/{key}", summary[f"test_{key}"], cfg.epochs)
+    return summary, per_image
+
+
+def _refresh(run: RunState, epoch: int, setup: RunSetup, writer: _Writer) -> None:
     """Algorithm 1 lines 5–25: MC-Dropout difficulty of every training image, then new ε."""
-    est = estimate_uncertainty(
-        run.model,
-        data.images,
-        data.masks,
-        train_idx,
-        mc_samples=cfg.mc_samples,
-        batch_size=cfg.batch_size,
-        seed=epoch_seed(cfg.seed, epoch),
-        amp=cfg.amp,
-        channels_last=cfg.channels_last,
-        memory_budget_bytes=int(cfg.mc_memory_gb * 2**30),
-        keep_maps=cfg.log_maps,
-    )
+    cfg, data, train_idx = setup.cfg, setup.data, setup.train_idx
+    est = run_uncertainty(cfg, run.model, data, train_idx, seed=epoch_seed(cfg.seed, epoch), keep_maps=cfg.log_maps)
     bad = torch.nonzero(~torch.isfinite(est.difficulty)).flatten().tolist()
     if bad:
         raise NonFiniteLossError(
@@ -510,21 +333,24 @@ def _refresh(run: RunState, epoch: int, cfg: TrainConfig, data: SegmentationData
         writer.add_image("uncertainty/image_mask_prob_mi_entropy", _map_panel(est.maps), epoch, dataformats="HWC")
 
 
-def _train_epoch(run: RunState, epoch: int, cfg: TrainConfig, loss_fn: nn.Module, data: SegmentationData,
-                 train_idx: np.ndarray, hw: _Hardware, step_model: nn.Module | None = None) -> float:
-    """One pass over the training images; returns the mean loss.
+def train_epoch(run: RunState, epoch: int, setup: RunSetup) -> float:
+    """One pass over the training images ``setup.train_idx``; returns the mean loss.
 
-    ``step_model`` runs the forward pass (``torch.compile`` of ``run.model``; default ``run.model``).
-    The loss stays on the device: the host synchronises only every ``log_every`` steps and at the
-    end, where a non-finite loss (tracked on the device by its first batch) stops the run.
+    ``setup.step_model`` runs the forward pass (default ``run.model``). The loss stays on the
+    device: the host synchronises only every ``log_every`` steps and at the end, where a
+    non-finite loss (tracked on the device by its first batch) stops the run.
+
+    Raises:
+        NonFiniteLossError: naming the epoch, the batch and its images with a non-finite loss.
     """
-    model = run.model if step_model is None else step_model
+    cfg, data, hw = setup.cfg, setup.data, setup.hw
+    model = run.model if setup.step_model is None else setup.step_model
     controller = run.controller
     model.train()
     seed = epoch_seed(cfg.seed, epoch)
     loader = make_loader(
         data,
-        train_idx,
+        setup.train_idx,
         cfg.batch_size,
         shuffle=True,
         transform=build_augmentation(seed) if cfg.augment else None,
@@ -544,7 +370,7 @@ def _train_epoch(run: RunState, epoch: int, cfg: TrainConfig, loss_fn: nn.Module
         eps = controller.epsilon_for(indices).to(hw.device, non_blocking=True) if controller is not None else None
         with hw.autocast():
             logits = model(x)
-        per_image = loss_fn(logits, y, eps)  # B; the losses compute in float32
+        per_image = setup.loss_fn(logits, y, eps)  # B; the losses compute in float32
         loss = per_image.mean()
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
@@ -579,204 +405,6 @@ def _some_names(names: list[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _validation_threshold(model: nn.Module, data: SegmentationData, indices: np.ndarray, hw: _Hardware,
-                          batch_size: int) -> tuple[float, float]:
-    """The foreground threshold of :data:`THRESHOLDS` with the highest mean validation Dice, and
-    that Dice. A pixel is foreground where its probability exceeds the threshold (at 0.5 this is
-    the validation Dice itself). Ties go to the threshold nearest 0.5; no validation image: 0.5.
-    """
-    if len(indices) == 0:
-        return 0.5, float("nan")
-
-    def dice_per_threshold(probs: Tensor, masks: Tensor) -> dict[str, Tensor]:
-        # B, len(THRESHOLDS)
-        return {"dice": torch.stack([segmentation_metrics((probs > t).float(), masks)["dice"] for t in THRESHOLDS], 1)}
-
-    mean = _per_image_metrics(model, data, indices, hw, batch_size, dice_per_threshold)["dice"].mean(0).tolist()
-    best = max(range(len(THRESHOLDS)), key=lambda i: (mean[i], -abs(THRESHOLDS[i] - 0.5)))
-    return THRESHOLDS[best], mean[best]
-
-
-def _test(cfg: TrainConfig, model: UNet, data: SegmentationData, test_idx: np.ndarray, hw: _Hardware) -> pd.DataFrame:
-    """Per-image test metrics, and each test image's MC-Dropout difficulty for stratification."""
-    metrics = _per_image_metrics(model, data, test_idx, hw, cfg.batch_size,
-                                 lambda probs, masks: all_metrics(probs, masks, cfg.nsd_tolerance))
-    masks = torch.from_numpy(data.masks[test_idx])
-    est = estimate_uncertainty(
-        model,
-        data.images,
-        data.masks,
-        test_idx,
-        mc_samples=cfg.mc_samples,
-        batch_size=cfg.batch_size,
-        seed=epoch_seed(cfg.seed, cfg.epochs + 1),
-        amp=cfg.amp,
-        channels_last=cfg.channels_last,
-        memory_budget_bytes=int(cfg.mc_memory_gb * 2**30),
-    )
-    frame = pd.DataFrame({"index": test_idx, "name": [data.names[i] for i in test_idx], "group": data.groups[test_idx]})
-    for key, value in metrics.items():
-        frame[key] = value.numpy()
-    frame["difficulty"] = est.difficulty.numpy()
-    frame["lesion_fraction"] = masks.flatten(1).float().mean(1).numpy()
-    return frame
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_state(cfg: TrainConfig, run: RunState) -> dict:
-    """A checkpoint after ``run.epoch``: the config it belongs to and the run's state."""
-    return {"version": CHECKPOINT_VERSION, "config": cfg.to_dict(), "run": run.state_dict()}
-
-
-def _check_version(checkpoint: dict) -> None:
-    if checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"checkpoint format version {checkpoint.get('version')!r}; this polydice reads "
-                              f"version {CHECKPOINT_VERSION}")
-
-
-def restore_checkpoint(checkpoint: dict, cfg: TrainConfig, run: RunState) -> None:
-    """Continue ``run`` from ``checkpoint``.
-
-    Raises:
-        ValueError: for another checkpoint version (:class:`CheckpointError`), a config that differs
-            in a field outside :data:`RESUMABLE_CHANGES`, or fewer ``epochs`` than the checkpoint
-            has finished.
-    """
-    _check_version(checkpoint)
-    diff = {
-        k: (v, getattr(cfg, k))
-        for k, v in checkpoint["config"].items()
-        if k not in RESUMABLE_CHANGES and getattr(cfg, k, v) != v
-    }
-    if diff:
-        raise ValueError(f"checkpoint was written with a different config (saved, now): {diff}")
-    if checkpoint["run"]["epoch"] > cfg.epochs:
-        raise ValueError(f"checkpoint has finished epoch {checkpoint['run']['epoch']}, past epochs={cfg.epochs}")
-    run.load_state_dict(checkpoint["run"])
-
-
-def resumed_config(checkpoint: dict, overrides: dict) -> TrainConfig:
-    """The config of a checkpointed run with ``overrides`` applied.
-
-    Raises:
-        ValueError: naming every override outside :data:`RESUMABLE_CHANGES` that differs from the
-            checkpoint's value, or for another checkpoint version (:class:`CheckpointError`).
-    """
-    _check_version(checkpoint)
-    saved = TrainConfig.from_dict(checkpoint["config"])
-    fixed = [
-        f"--{k.replace('_', '-')} {v} (the run has {getattr(saved, k)})"
-        for k, v in overrides.items()
-        if k not in RESUMABLE_CHANGES and v != getattr(saved, k)
-    ]
-    if fixed:
-        allowed = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(RESUMABLE_CHANGES))
-        raise ValueError(f"a resumed run cannot change {'; '.join(fixed)}; it may change only {allowed}")
-    return saved.replace(**overrides)
-
-
-def save_checkpoint(state: dict, path: str | os.PathLike, *, keep_previous: bool = False) -> None:
-    """Write ``state`` to ``path`` atomically: a process killed mid-write, a full disk or read-only
-    storage leaves the previous checkpoint intact and no partial file behind.
-
-    The bytes go to ``<path>.tmp``, are flushed to the disk (``fsync``), and only then replace
-    ``path``; a failed write removes the temporary file.
-
-    Args:
-        state: :func:`checkpoint_state`.
-        path: the checkpoint file.
-        keep_previous: keep the checkpoint this one replaces as :data:`PREVIOUS_CHECKPOINT_FILE`
-            beside it, for :func:`load_run_checkpoint` to fall back on.
-
-    Raises:
-        CheckpointWriteError: the file could not be written; the message names it.
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-    except (OSError, RuntimeError) as exc:  # torch reports a failed write as a RuntimeError
-        with suppress(OSError):  # read-only storage refuses even this
-            tmp.unlink(missing_ok=True)
-        raise CheckpointWriteError(f"cannot write checkpoint {path}: {type(exc).__name__}: {exc}") from exc
-    try:
-        if keep_previous and path.exists():
-            os.replace(path, path.with_name(PREVIOUS_CHECKPOINT_FILE))
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise CheckpointWriteError(f"cannot replace checkpoint {path}: {exc}") from exc
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint with ``weights_only=True`` and check that it is one this code can continue.
-
-    Raises:
-        CheckpointError (a ``ValueError``): naming the file, when it is missing, unreadable or
-            truncated, not a polydice checkpoint (a ``model.pt``, say), of another format version
-            (naming both versions), or lacks part of the run's state.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, corrupt, or not a torch file at all
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: not a polydice checkpoint (it holds a {type(state).__name__})")
-    if "format" in state:  # model.pt and other files that name their format
-        raise CheckpointError(f"{path}: a {state['format']!r} file, not a training checkpoint ({CHECKPOINT_FILE})")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format version {state.get('version')!r}, but this polydice reads version "
-            f"{CHECKPOINT_VERSION}; it was written by another version of polydice"
-        )
-    run = state.get("run")
-    missing = [k for k in ("config", "run") if not isinstance(state.get(k), dict)]
-    missing += [f"run.{k}" for k in RUN_STATE_KEYS if isinstance(run, dict) and k not in run]
-    if missing:
-        raise CheckpointError(f"{path}: checkpoint version {CHECKPOINT_VERSION} without {', '.join(missing)}")
-    return state
-
-
-def load_run_checkpoint(folder: str | os.PathLike) -> tuple[dict, list[str]]:
-    """The newest usable checkpoint of a run folder: ``checkpoint.pt``, else the one it replaced
-    (:data:`PREVIOUS_CHECKPOINT_FILE`, kept by the command line).
-
-    Returns:
-        The checkpoint, and why each newer file was passed over (empty when ``checkpoint.pt`` is used).
-
-    Raises:
-        CheckpointError: naming each file tried, when none is usable.
-    """
-    problems = []
-    for name in (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE):
-        path = Path(folder) / name
-        if name == PREVIOUS_CHECKPOINT_FILE and not path.exists():
-            break
-        try:
-            return load_checkpoint(path), problems
-        except CheckpointError as exc:
-            problems.append(str(exc))
-    raise CheckpointError("; ".join(problems))
-
-
-def write_outputs(result: RunResult, out_dir: str | os.PathLike) -> None:
-    """``summary.json``, ``history.csv``, ``epsilon.csv`` and (when tested) ``per_image.csv``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(result.summary, indent=2, default=float) + "\n")
-    result.history.to_csv(out / "history.csv", index=False)
-    result.epsilon.to_csv(out / "epsilon.csv", index=False, columns=EPSILON_COLUMNS)
-    if len(result.per_image):
-        result.per_image.to_csv(out / "per_image.csv", index=False)
-
-
 # ----------------------------------------------------------------------------- command line
 
 # The annotations are strings (``from __future__ import annotations``).
@@ -802,8 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m polydice.train",
         description="Train one method on one fold of a polyp segmentation dataset, keep the weights of the "
         "best validation epoch (model.pt) and test them.",
-        epilog="Writes to the output folder: model.pt, checkpoint.pt, summary.json, history.csv, epsilon.csv, "
-        "per_image.csv and TensorBoard events.",
+        epilog=f"Writes to the output folder: {MODEL_FILE}, {CHECKPOINT_FILE}, {SUMMARY_FILE}, {HISTORY_FILE}, "
+        f"{EPSILON_FILE}, {PER_IMAGE_FILE} and TensorBoard events.",
     )
     config = p.add_argument_group("run settings (TrainConfig)")
     for f in fields(TrainConfig):
@@ -820,11 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("output and resume")
     run.add_argument("--out", metavar="DIR", help="output folder (default: the --resume folder)")
     run.add_argument("--resume", metavar="DIR",
-                     help="continue the run whose checkpoint is DIR/checkpoint.pt (when that one is unreadable: "
-                     "DIR/checkpoint.prev.pt, the one it replaced), with its config; of the flags above only "
+                     help=f"continue the run whose checkpoint is DIR/{CHECKPOINT_FILE} (when that one is unreadable: "
+                     f"DIR/{PREVIOUS_CHECKPOINT_FILE}, the one it replaced), with its config; of the flags above only "
                      + ", ".join(flag_of(k) for k in sorted(RESUMABLE_CHANGES)) + " may change")
     run.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                     help="also write DIR/checkpoint.pt every N epochs (default: 0, i.e. at every ε refresh "
+                     help=f"also write DIR/{CHECKPOINT_FILE} every N epochs (default: 0, i.e. at every ε refresh "
                      "and at the end only)")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
@@ -865,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.method} fold {cfg.fold}: val Dice {s['val_dice']:.4f} (epoch {s['model_epoch']}, threshold "
         f"{s['val_threshold']:.2f}: {s['val_dice_at_threshold']:.4f}), test Dice {s['test_dice']:.4f}, "
         f"IoU {s['test_iou']:.4f}, hardest-quartile Dice {s['test_dice_hardest_quartile']:.4f}\n"
-        f"wrote {out / MODEL_FILE}, {out / 'summary.json'}"
+        f"wrote {out / MODEL_FILE}, {out / SUMMARY_FILE}"
     )
     return 0
 

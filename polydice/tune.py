@@ -8,7 +8,7 @@ in ``studies/`` build their search spaces on these.
   ``tune.with_parameters``: every trial on a node maps the same copy.
 - Each trial reports its metrics every epoch (``tune.report``) and a checkpoint at every ε refresh,
   every ``checkpoint_every`` epochs and at the end. The checkpoint holds the run's
-  :class:`~polydice.train.RunState` (model, optimizer, ε table, controller state, history, best
+  :class:`~polydice.checkpoint.RunState` (model, optimizer, ε table, controller state, history, best
   epoch); a restarted trial continues from it with the same ε.
 - A trial's own files (``model.pt``, TensorBoard events, ``summary.json``, ``epsilon.csv``,
   ``per_image.csv``) go to its trial folder and are synced to ``storage_path`` (artifacts), so that
@@ -32,7 +32,6 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,10 +42,10 @@ from ray import tune
 
 from .config import TrainConfig
 from .data import SegmentationData
-from .train import (CHECKPOINT_FILE, MODEL_FILE, CheckpointError, CheckpointWriteError, NonFiniteLossError,
-                    load_checkpoint, save_checkpoint, train)
+from .checkpoint import (CHECKPOINT_FILE, OUTPUT_FILES, CheckpointError, CheckpointWriteError, load_checkpoint,
+                         save_checkpoint)
+from .train import NonFiniteLossError, train
 
-OUTPUT_FILES = (MODEL_FILE, "summary.json", "per_image.csv", "epsilon.csv", "history.csv")
 LOOPBACK = "127.0.0.1"
 
 
@@ -234,18 +233,6 @@ def make_trainable(
         checkpoint_every=checkpoint_every,
     )
     return tune.with_resources(fn, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
-
-
-@dataclass
-class StudyPaths:
-    """Where a study's Optuna database goes: beside Tune's experiment folder ``storage_path/name``."""
-
-    storage_path: Path
-    name: str
-
-    @property
-    def sqlite_url(self) -> str:
-        return f"sqlite:///{(self.storage_path / f'{self.name}-optuna.db').resolve()}"
 
 
 def storage_uri(path: str | os.PathLike) -> str:

@@ -20,14 +20,14 @@ that for the same seed they give the same maps.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .model import DROPOUT_SITES, UNet, eval_mode, to_input
+from .device import Hardware
+from .model import DROPOUT_SITES, UNet, eval_mode
 
 
 def binary_entropy(p: Tensor) -> Tensor:
@@ -201,13 +201,6 @@ class UncertaintyResult:
 CPU_CHUNK_BYTES = 16 << 20
 
 
-def _autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return nullcontext()
-
-
 def _samples_per_chunk(model: UNet, height: int, width: int, budget_bytes: int, elem_bytes: int) -> int:
     """How many (sample, image) decoder rows fit the memory budget.
 
@@ -281,21 +274,19 @@ def _estimate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     idx = np.arange(len(images)) if indices is None else np.asarray(indices, dtype=np.int64)
-    device = next(model.parameters()).device
-    memory_format = torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
-    elem_bytes = 2 if amp and device.type == "cuda" else 4
+    hw = Hardware(next(model.parameters()).device, amp, channels_last)
+    device = hw.device
     if device.type != "cuda":
         memory_budget_bytes = min(memory_budget_bytes, CPU_CHUNK_BYTES)
 
     sampler = DropoutSampler(model.dropout_rate, seed, device)
     difficulty, mean_mi, kept = [], [], {}
     # Batch-norm uses running statistics; dropout is applied by the sampler only.
-    with eval_mode(model), torch.inference_mode(), _autocast(device, amp):
+    with eval_mode(model), torch.inference_mode(), hw.autocast():
         for start in range(0, len(idx), batch_size):
             sel = idx[start : start + batch_size]
             batch_images, batch_masks = _rows(images, sel), _rows(masks, sel)
-            x = batch_images.to(device, non_blocking=True).permute(0, 3, 1, 2)
-            x = to_input(x).contiguous(memory_format=memory_format)  # B, 3, H, W
+            x = hw.images(batch_images.permute(0, 3, 1, 2))  # B, 3, H, W
             y = batch_masks.to(device, non_blocking=True)
             b, _, h, w = x.shape
             sampler.batch = b
@@ -303,7 +294,7 @@ def _estimate(
             acc = _MapAccumulator(y, variance=n_kept < keep_maps)
             if encoder_once:
                 cache = model.prepare_sampling(model.encode(x))
-                rows = _samples_per_chunk(model, h, w, memory_budget_bytes, elem_bytes)
+                rows = _samples_per_chunk(model, h, w, memory_budget_bytes, hw.element_bytes)
                 t_chunk = max(1, min(mc_samples, rows // b))
                 for t0 in range(0, mc_samples, t_chunk):
                     t = min(t_chunk, mc_samples - t0)

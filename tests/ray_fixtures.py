@@ -157,17 +157,17 @@ def run_cli_killed_in_epoch(monkeypatch, argv: list[str], epoch: int, error: typ
 
     import polydice.train as pt
 
-    real = pt._train_epoch
+    real = pt.train_epoch
 
     def killed(run, at, *args, **kwargs):
         if at == epoch:
             raise error
         return real(run, at, *args, **kwargs)
 
-    monkeypatch.setattr(pt, "_train_epoch", killed)
+    monkeypatch.setattr(pt, "train_epoch", killed)
     with pytest.raises(error):
         pt.main(argv)
-    monkeypatch.setattr(pt, "_train_epoch", real)
+    monkeypatch.setattr(pt, "train_epoch", real)
 
 
 @contextlib.contextmanager

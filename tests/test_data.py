@@ -21,9 +21,9 @@ from polydice.data import (
     build_augmentation,
     cvc_sequence_of_frame,
     load_dataset,
-    make_folds,
     make_loader,
 )
+from polydice.dataset import make_folds
 from polydice.synthetic import make_synthetic
 
 KVASIR_DIR = Path(

@@ -39,9 +39,11 @@ pytest.importorskip("ray.tune")
 pytest.importorskip("optuna")
 pytest.importorskip("psutil")
 
+import polydice.checkpoint as ck  # noqa: E402
 import polydice.train as pt  # noqa: E402
 from polydice.config import METHODS, TrainConfig  # noqa: E402
-from polydice.data import DataError, SegmentationData, load_dataset, make_folds  # noqa: E402
+from polydice.data import DataError, SegmentationData, load_dataset  # noqa: E402
+from polydice.dataset import make_folds  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = REPO / "studies"
@@ -106,14 +108,14 @@ def test_failed_checkpoint_write_names_the_file_and_keeps_the_previous_checkpoin
 
     written: list = []
     monkeypatch.setattr(pt.torch, "save", _half_then_enospc(written))
-    with pytest.raises(pt.CheckpointWriteError, match=rf"cannot write checkpoint {path}: OSError: .*No space left"):
+    with pytest.raises(ck.CheckpointWriteError, match=rf"cannot write checkpoint {path}: OSError: .*No space left"):
         pt.save_checkpoint(states[2], path, keep_previous=True)
     monkeypatch.undo()
     assert written and written[0] > 0, "the patched writer wrote nothing"
     assert path.read_bytes() == before
     assert {p.name for p in tmp_path.iterdir()} == {pt.CHECKPOINT_FILE, pt.PREVIOUS_CHECKPOINT_FILE}
-    assert pt.load_checkpoint(path)["run"]["epoch"] == states[1]["run"]["epoch"]
-    assert pt.load_checkpoint(tmp_path / pt.PREVIOUS_CHECKPOINT_FILE)["run"]["epoch"] == states[0]["run"]["epoch"]
+    assert ck.load_checkpoint(path)["run"]["epoch"] == states[1]["run"]["epoch"]
+    assert ck.load_checkpoint(tmp_path / pt.PREVIOUS_CHECKPOINT_FILE)["run"]["epoch"] == states[0]["run"]["epoch"]
 
 
 @contextlib.contextmanager
@@ -147,16 +149,16 @@ def test_full_disk_and_read_only_storage_leave_the_previous_checkpoint(data, tmp
                     filler.write(b"\0" * 65536)
                     filler.flush()
         assert os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize < size
-        with pytest.raises(pt.CheckpointWriteError, match=rf"cannot write checkpoint {path}: .*No space left"):
+        with pytest.raises(ck.CheckpointWriteError, match=rf"cannot write checkpoint {path}: .*No space left"):
             pt.save_checkpoint(states[1], path)
         assert {p.name for p in disk.iterdir()} == {pt.CHECKPOINT_FILE, "filler"}
-        assert pt.load_checkpoint(path)["run"]["epoch"] == states[0]["run"]["epoch"]
+        assert ck.load_checkpoint(path)["run"]["epoch"] == states[0]["run"]["epoch"]
 
         (disk / "filler").unlink()
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True, capture_output=True, timeout=30)
-        with pytest.raises(pt.CheckpointWriteError, match=rf"cannot write checkpoint {path}: .*Read-only file system"):
+        with pytest.raises(ck.CheckpointWriteError, match=rf"cannot write checkpoint {path}: .*Read-only file system"):
             pt.save_checkpoint(states[1], path)
-        assert pt.load_checkpoint(path)["run"]["epoch"] == states[0]["run"]["epoch"]
+        assert ck.load_checkpoint(path)["run"]["epoch"] == states[0]["run"]["epoch"]
 
 
 CLI_RUN = ["--n-synthetic", "40", "--image-size", "32", "--base-channels", "4", "--batch-size", "8", "--epochs", "4",
@@ -209,7 +211,7 @@ def test_cli_on_a_full_disk_stops_with_one_error_and_resumes_from_the_last_check
     assert len(errors) == 1 and str(out / pt.CHECKPOINT_FILE) in errors[0] and "No space left" in errors[0], errors
     assert calls == [1, 2, 3]
     assert not list(out.glob("*.tmp")) and not (out / "model.pt").exists()
-    assert pt.load_checkpoint(out / pt.CHECKPOINT_FILE)["run"]["epoch"] == 2
+    assert ck.load_checkpoint(out / pt.CHECKPOINT_FILE)["run"]["epoch"] == 2
 
     monkeypatch.setattr(pt, "save_checkpoint", real_save)
     assert pt.main(["--resume", str(out), "--no-progress"]) == 0, capsys.readouterr().err
@@ -288,8 +290,8 @@ def test_an_older_or_foreign_checkpoint_is_one_clear_error(kind, version_2_state
         path.write_bytes(make)
     else:
         torch.save(make(version_2_state), path)
-    with pytest.raises(pt.CheckpointError, match=rf"^{path}: {message}"):
-        pt.load_checkpoint(path)
+    with pytest.raises(ck.CheckpointError, match=rf"^{path}: {message}"):
+        ck.load_checkpoint(path)
     assert pt.main(["--resume", str(tmp_path), "--no-progress"]) == 2
     errors = _error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and str(path) in errors[0], errors
@@ -896,7 +898,7 @@ class TestOnLocalRay:
         assert "CheckpointWriteError: cannot store the checkpoint of epoch 3 at " in errors, errors[-3000:]
         assert f"{store}/checkpoint_" in errors and "No space left on device" in errors
         stored = sorted(store.glob("checkpoint_*"))
-        assert len(stored) == 1 and pt.load_checkpoint(stored[0] / pt.CHECKPOINT_FILE)["run"]["epoch"] == 4, stored
+        assert len(stored) == 1 and ck.load_checkpoint(stored[0] / pt.CHECKPOINT_FILE)["run"]["epoch"] == 4, stored
         assert _epochs(store) == [1, 2, 3, 4]
         _assert_same_epsilon(store / "epsilon.csv", reference)
 

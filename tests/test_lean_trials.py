@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from polydice import data as pdata
+from polydice import dataset as pdata
 from polydice.config import TrainConfig
 from polydice.synthetic import make_synthetic
 

@@ -35,7 +35,8 @@ from ray import tune  # noqa: E402
 
 import ray_fixtures as rf  # noqa: E402
 from polydice.config import TrainConfig  # noqa: E402
-from polydice.data import SegmentationData, make_folds  # noqa: E402
+from polydice.data import SegmentationData  # noqa: E402
+from polydice.dataset import make_folds  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -572,6 +573,7 @@ def test_search_never_reads_the_test_fold(fold, monkeypatch, tmp_path):
     search runs) reads f's training and validation images only; with ``evaluate_test=True`` the
     same instrument sees the test images. (That fold f's search trials run on fold f is checked on
     a real study in test_nested_search_and_final_runs_stay_in_their_fold.)"""
+    import polydice.evaluate as ev
     import polydice.train as pt
 
     cfg = _tiny_config(epochs=2, e0=1, tau=1, fold=fold)
@@ -580,14 +582,14 @@ def test_search_never_reads_the_test_fold(fold, monkeypatch, tmp_path):
                                               val_fraction=cfg.val_fraction)[cfg.fold]
     test = set(test_idx.tolist())
     estimated: list[int] = []
-    original = pt.estimate_uncertainty
+    original = ev.estimate_uncertainty
 
     def recording_estimate(model, images, masks, indices=None, **kwargs):
         # Reads the arrays whole (torch.as_tensor), then only the rows in ``indices``.
         estimated.extend(range(len(images)) if indices is None else np.asarray(indices).tolist())
         return original(model, images, masks, indices, **kwargs)
 
-    monkeypatch.setattr(pt, "estimate_uncertainty", recording_estimate)
+    monkeypatch.setattr(ev, "estimate_uncertainty", recording_estimate)
 
     search_data, log = _instrumented(data)
     result = pt.train(cfg, data=search_data, out_dir=tmp_path / "search", evaluate_test=False)

@@ -19,10 +19,16 @@ import torch
 from PIL import Image
 from torch import nn
 
+import polydice.checkpoint as ck
+import polydice.evaluate as ev
 import polydice.train as pt
 from polydice.config import DATASETS, METHODS, SCALES, TrainConfig
-from polydice.data import load_dataset, make_folds
-from polydice.model import UNet, load_model_file
+from polydice.data import load_dataset
+from polydice.dataset import make_folds
+from polydice.device import Hardware, resolve_device, seed_everything
+from polydice.losses import foreground_probs
+from polydice.metrics import all_metrics
+from polydice.model import UNet, load_model_file, to_input
 
 import ray_fixtures as rf
 
@@ -128,16 +134,16 @@ def test_model_file_holds_the_best_epoch_and_rebuilds_its_validation_dice(adapti
     assert info["epoch"] == int(best["epoch"]) == summary["best_epoch"] == summary["model_epoch"]
     assert info["val_dice"] == pytest.approx(best["val_dice"], abs=1e-12) == summary["val_dice"]
 
-    assert info["threshold"] in pt.THRESHOLDS and 0.05 <= info["threshold"] <= 0.95
+    assert info["threshold"] in ev.THRESHOLDS and 0.05 <= info["threshold"] <= 0.95
     assert summary["val_threshold"] == info["threshold"]
     # 0.5 is on the grid: the chosen threshold is at least as good on the validation split.
     assert summary["val_dice_at_threshold"] >= summary["val_dice"] - 1e-12
 
     cfg = _config()
-    val_idx, hw = _val_idx(synthetic_32, cfg), pt._Hardware(cfg)
-    val_dice = pt._validation_dice(model, synthetic_32, val_idx, hw, cfg.batch_size)
+    val_idx, hw = _val_idx(synthetic_32, cfg), Hardware.from_config(cfg)
+    val_dice = ev.validation_dice(model, synthetic_32, val_idx, hw, cfg.batch_size)
     assert val_dice == pytest.approx(info["val_dice"], abs=1e-9)
-    threshold, dice = pt._validation_threshold(model, synthetic_32, val_idx, hw, cfg.batch_size)
+    threshold, dice = ev.validation_threshold(model, synthetic_32, val_idx, hw, cfg.batch_size)
     assert (threshold, dice) == (info["threshold"], pytest.approx(summary["val_dice_at_threshold"], abs=1e-9))
 
 
@@ -153,9 +159,9 @@ def test_validation_threshold_is_the_best_of_the_grid_nearest_one_half_on_ties(s
             probs = 0.1 + 0.2 * masks[: len(x)]
             return torch.stack([torch.log1p(-probs), torch.log(probs)], 1)  # softmax gives back probs
 
-    threshold, dice = pt._validation_threshold(Fixed(), synthetic_32, idx, pt._Hardware(cfg), 8)
+    threshold, dice = ev.validation_threshold(Fixed(), synthetic_32, idx, Hardware.from_config(cfg), 8)
     assert threshold == 0.25 and dice == pytest.approx(1.0)
-    assert pt._validation_threshold(Fixed(), synthetic_32, idx[:0], pt._Hardware(cfg), 8)[0] == 0.5
+    assert ev.validation_threshold(Fixed(), synthetic_32, idx[:0], Hardware.from_config(cfg), 8)[0] == 0.5
 
 
 def test_test_metrics_and_model_file_come_from_the_best_validation_epoch(synthetic_32, tmp_path, monkeypatch):
@@ -164,7 +170,7 @@ def test_test_metrics_and_model_file_come_from_the_best_validation_epoch(synthet
     the last epoch's."""
     cfg = _config(method="dice", epochs=4, log_maps=0, tensorboard=False)
     scores = iter([0.3, 0.9, 0.5, 0.7])
-    monkeypatch.setattr(pt, "_validation_dice", lambda *args: next(scores))
+    monkeypatch.setattr(pt, "validation_dice", lambda *args: next(scores))
     weights = {}
 
     def report(metrics, state):
@@ -184,8 +190,8 @@ def test_test_metrics_and_model_file_come_from_the_best_validation_epoch(synthet
     def metrics_of(epoch):
         model = pt.build_model(cfg)
         model.load_state_dict(weights[epoch])
-        metrics = lambda probs, masks: pt.all_metrics(probs, masks, cfg.nsd_tolerance)  # noqa: E731
-        return pt._per_image_metrics(model, synthetic_32, test_idx, pt._Hardware(cfg), cfg.batch_size, metrics)
+        metrics = lambda probs, masks: all_metrics(probs, masks, cfg.nsd_tolerance)  # noqa: E731
+        return ev.per_image_metrics(model, synthetic_32, test_idx, Hardware.from_config(cfg), cfg.batch_size, metrics)
 
     best, last = metrics_of(2), metrics_of(4)
     for key in ("dice", "iou", "nsd", "nll", "brier"):
@@ -220,7 +226,7 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(synthetic_32, tmp
 
     full = pt.train(cfg, report, data=synthetic_32)
     assert saved == {"epoch": 2}
-    state = pt.load_checkpoint(tmp_path / "ckpt.pt")
+    state = ck.load_checkpoint(tmp_path / "ckpt.pt")
     resumed = pt.train(cfg, data=synthetic_32, resume=state)
     cols = ["epoch", "train_loss", "val_dice", "eps_mean", "eps_std"]
     pd.testing.assert_frame_equal(full.history[cols], resumed.history[cols])
@@ -245,17 +251,17 @@ def test_per_image_metrics_in_batches_equal_one_pass(synthetic_32):
     over the whole set at once, in the order of the indices, and an empty set gives empty values."""
     cfg = _config()
     torch.manual_seed(0)
-    model, hw = pt.build_model(cfg), pt._Hardware(cfg)
+    model, hw = pt.build_model(cfg), Hardware.from_config(cfg)
     idx = np.array([7, 3, 30, 12, 0, 21, 5])
-    metrics = lambda probs, masks: pt.all_metrics(probs, masks, cfg.nsd_tolerance)  # noqa: E731
-    batched = pt._per_image_metrics(model, synthetic_32, idx, hw, 3, metrics)
+    metrics = lambda probs, masks: all_metrics(probs, masks, cfg.nsd_tolerance)  # noqa: E731
+    batched = ev.per_image_metrics(model, synthetic_32, idx, hw, 3, metrics)
     with torch.no_grad():
-        probs = pt.foreground_probs(model.eval()(pt.to_input(torch.from_numpy(synthetic_32.images[idx]).permute(0, 3, 1, 2))))
+        probs = foreground_probs(model.eval()(to_input(torch.from_numpy(synthetic_32.images[idx]).permute(0, 3, 1, 2))))
     whole = metrics(probs, torch.from_numpy(synthetic_32.masks[idx]))
     assert set(batched) == set(whole) and all(v.shape == (len(idx),) for v in batched.values())
     for key in whole:
         torch.testing.assert_close(batched[key], whole[key], rtol=1e-5, atol=1e-6, msg=key)
-    empty = pt._per_image_metrics(model, synthetic_32, np.array([], dtype=np.int64), hw, 3, metrics)
+    empty = ev.per_image_metrics(model, synthetic_32, np.array([], dtype=np.int64), hw, 3, metrics)
     assert all(v.shape == (0,) for v in empty.values())
 
 
@@ -289,7 +295,7 @@ def test_max_batches_limits_training_and_validation_batches(synthetic_32, monkey
 
 def _val_dice_of(model: UNet, data, cfg: TrainConfig) -> float:
     _, val_idx, _ = make_folds(data.groups, cfg.folds, seed=cfg.split_seed, val_fraction=cfg.val_fraction)[cfg.fold]
-    return pt._validation_dice(model, data, val_idx, pt._Hardware(cfg), cfg.batch_size)
+    return ev.validation_dice(model, data, val_idx, Hardware.from_config(cfg), cfg.batch_size)
 
 
 def test_a_short_synthetic_run_learns():
@@ -299,7 +305,7 @@ def test_a_short_synthetic_run_learns():
                       epochs=12, lr=3e-3, e0=4, tau=3, mc_samples=3, method="adaptive", log_maps=0,
                       tensorboard=False)
     data = pt.load_data(cfg)
-    pt.seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     untrained = _val_dice_of(pt.build_model(cfg), data, cfg)
     result = pt.train(cfg, data=data, evaluate_test=False)
     assert result.summary["val_dice"] > max(0.2, untrained + 0.1), (untrained, result.history["val_dice"].tolist())
@@ -528,8 +534,8 @@ def test_flags_parse_to_config_values_and_only_given_ones_are_set():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback of the device choices")
 def test_cuda_choices_are_off_on_a_cpu():
-    hw = pt._Hardware(_config(device="auto"))
+    hw = Hardware.from_config(_config(device="auto"))
     assert hw.device.type == "cpu" and hw.amp_dtype is None and not hw.pin_memory
     assert hw.memory_format == torch.contiguous_format and not hw.scaler.is_enabled()
     with pytest.raises(ValueError, match="CUDA is not available"):
-        pt.resolve_device("cuda")
+        resolve_device("cuda")
