@@ -24,7 +24,7 @@ from polydice.dataset import make_folds
 from polydice.device import Hardware
 from polydice.synthetic import make_synthetic
 
-from .cases import Workload, epoch_vs_bare_loop, loader_vs_tensors, refresh_vs_naive
+from .cases import Workload, epoch_vs_bare_loop, loader_feed_rate, loader_vs_tensors, refresh_vs_naive
 from .timing import CaseResult, machine_lines
 
 # The real Kvasir-SEG release, where the workplace keeps it beside the repository.
@@ -57,6 +57,7 @@ class Settings:
     memory_repeats: int
     synthetic_images: int = 1000
     warmup: bool = True
+    feed_images: int = 256  # synthetic images at 224 px through the loader, for its feed rate
 
 
 PRESETS = {
@@ -64,7 +65,7 @@ PRESETS = {
     "smoke": Settings(image_size=32, base_channels=4, batch_size=4, mc_samples=2, epoch_images=8, refresh_images=8,
                       repeats=1, tune_images=24, tune_epochs=2, tune_repeats=1, memory_image_size=32,
                       memory_base_channels=4, memory_batch_size=4, memory_repeats=1, synthetic_images=48,
-                      warmup=False),
+                      warmup=False, feed_images=32),
     # Under 5 minutes on 2 CPU cores. The memory case at 512 px: a 1000 MiB dataset against about
     # 0.6 GiB per trial, so that one copy more or less is well outside the noise of the trials' own memory.
     "quick": Settings(image_size=64, base_channels=8, batch_size=16, mc_samples=10, epoch_images=160,
@@ -79,7 +80,8 @@ PRESETS = {
 
 IN_PROCESS = {"refresh_vs_naive": refresh_vs_naive, "loader_vs_tensors": loader_vs_tensors,
               "epoch_vs_bare_loop": epoch_vs_bare_loop}
-CASES = (*IN_PROCESS, "tune_vs_direct", "tune_whole_vs_direct", "memory_4trials_vs_4x1")
+CASES = (*IN_PROCESS, "loader_images_per_s_per_core", "tune_vs_direct", "tune_whole_vs_direct",
+         "memory_4trials_vs_4x1")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -215,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, case in IN_PROCESS.items():
         if name in args.only:
             report(case(work))
+    if "loader_images_per_s_per_core" in args.only:
+        for line in loader_feed_rate(settings.feed_images, settings.repeats, settings.warmup):
+            print(line, flush=True)
     if {"tune_vs_direct", "tune_whole_vs_direct", "memory_4trials_vs_4x1"} & set(args.only):
         run_ray_cases(args, settings, cfg, data, hw)
     print(f"total wall time {time.perf_counter() - start:.0f} s", flush=True)

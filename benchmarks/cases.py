@@ -16,16 +16,18 @@ import torch
 import polydice.train
 from polydice.checkpoint import RunState
 from polydice.config import TrainConfig
-from polydice.data import SegmentationData, make_loader
+from polydice.data import SegmentationData, build_augmentation, make_loader
 from polydice.device import Hardware, epoch_seed
 from polydice.model import forward_flops, refresh_flops
 from polydice.schedule import EpsilonController
+from polydice.synthetic import make_synthetic
 from polydice.train import RunSetup, build_method_loss, build_model, train_epoch
 from polydice.uncertainty import estimate_uncertainty, estimate_uncertainty_naive
 
 from .timing import CaseResult, interleaved, median_ratio, rate_line
 
 EPOCH = 1  # every timed epoch is "epoch 1": the same shuffle and augmentation stream each time
+FEED_IMAGE_SIZE, FEED_BATCH = 224, 32  # the thesis's image size and batch: what a GPU trains on
 
 
 @dataclass
@@ -170,3 +172,41 @@ def epoch_vs_bare_loop(work: Workload) -> CaseResult:
         rate_line("train_epoch", times["project"], n, flops),
         rate_line("bare PyTorch loop", times["bare"], n, flops),
     ])
+
+
+def loader_feed_rate(n_images: int, repeats: int, warmup: bool = True) -> list[str]:
+    """What one CPU core feeds a GPU: the images per second ``make_loader`` yields at 224², batch
+    32, no loader workers, one torch and one OpenCV thread, with the thesis augmentation and
+    without. Set beside a GPU's training rate (images/s at the same size), it says how many cores
+    the loader needs; no ratio, no target.
+
+    Returns:
+        The lines to print; the last is ``LOADER loader_images_per_s_per_core <rate> (...)``.
+    """
+    import cv2
+
+    data = make_synthetic(n=n_images, image_size=FEED_IMAGE_SIZE)
+    indices = np.arange(len(data))
+
+    def epoch(transform):
+        def run():
+            for _ in make_loader(data, indices, FEED_BATCH, shuffle=True, transform=transform,
+                                 seed=epoch_seed(0, EPOCH)):
+                pass
+        return run
+
+    threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    try:
+        times = interleaved({"augment": epoch(build_augmentation(0)), "plain": epoch(None)}, repeats,
+                            torch.device("cpu"), warmup)
+    finally:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(cv_threads)
+    rate = {name: n_images / float(np.median(t)) for name, t in times.items()}
+    return [f"loader_images_per_s_per_core: {n_images} images at {FEED_IMAGE_SIZE} px, batch {FEED_BATCH}, no loader "
+            "workers, one torch and one OpenCV thread, median of "
+            f"{repeats}: {rate['augment']:.0f} images/s with the thesis augmentation, {rate['plain']:.0f} without",
+            f"LOADER loader_images_per_s_per_core {rate['augment']:.0f} (augmentation on; {rate['plain']:.0f} off)"]
+

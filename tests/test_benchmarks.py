@@ -37,6 +37,9 @@ def test_smoke_run_prints_six_finite_ratios(tmp_path):
     assert set(found) == RATIOS, out[-4000:]
     assert all(math.isfinite(value) and math.isfinite(target) for value, target in found.values()), found
     assert out.count("RATIO ") == len(RATIOS)
+    # The loader's feed rate at 224 px on one core, with and without augmentation: no ratio, a rate.
+    feed = re.search(r"^LOADER loader_images_per_s_per_core (\d+) \(augmentation on; (\d+) off\)$", out, re.MULTILINE)
+    assert feed and all(int(x) > 0 for x in feed.groups()), out[-4000:]
     # tune_whole_vs_direct says where the Tune side's extra time went, in finite seconds.
     breakdown = re.search(r"([-\d.]+) s of each fit\(\) lie outside the trials.*?takes ([-\d.]+) s longer", out)
     assert breakdown and all(math.isfinite(float(x)) for x in breakdown.groups()), out[-4000:]
