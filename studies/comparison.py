@@ -45,6 +45,7 @@ import pandas as pd
 from scipy import stats
 
 from polydice.config import SELECTION_TAG
+from run_results import ReportWarning
 
 CONFIDENCE, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 0.95, 9999, 0
 # scipy >= 1.15 names the generator ``rng``; older versions ``random_state``.
@@ -55,10 +56,6 @@ HARD = "dice_loss_hard_"  # prefix of the comparison on those images
 HOLM_COLUMNS = ("wilcoxon_p", "ttest_p", HARD + "wilcoxon_p")
 # Where the hard set came from: an independent replicate, or the dice runs themselves (biased).
 SOURCE_SELECT, SOURCE_OWN = SELECTION_TAG, "dice (own results: biased)"
-
-
-class ReportWarning(UserWarning):
-    """Something about the input the reader of the table should know (listed in table.md)."""
 
 
 # ----------------------------------------------------------------------------- tests and intervals

@@ -14,10 +14,10 @@ import warnings
 
 import pandas as pd
 
-from comparison import (HARD, SOURCE_SELECT, ReportWarning, common_hardest, hard_set, paired_tests,
+from comparison import (HARD, SOURCE_SELECT, common_hardest, hard_set, paired_tests,
                         selection_seed_clashes)
 from polydice.config import SELECTION_TAG
-from run_results import METRICS, check_splits, pairing_units
+from run_results import METRICS, ReportWarning, check_splits, pairing_units
 
 ZERO_EPS_LABEL = "polydice-eps+0.0"
 EPS_VAL_LABEL = "polydice-eps-val"  # per fold, the fixed ε with the best mean validation Dice
@@ -63,7 +63,8 @@ def eps_val_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     pick it). Needs at least two fixed-ε labels with a validation Dice in the fold.
 
     Returns:
-        ``(runs of EPS_VAL_LABEL, {dataset: {fold: (ε, candidates)}})``.
+        ``(runs of EPS_VAL_LABEL with their own label in ``source_label``, {dataset: {fold: (ε,
+        candidates)}})``.
     """
     fixed = runs[runs["label"].map(lambda x: bool(FIXED_EPS_LABEL.match(str(x)))) & (runs["method"] == "polydice")]
     picked, choice = [], {}
@@ -73,7 +74,7 @@ def eps_val_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
             continue
         eps = means.idxmax()  # ties: the lowest ε
         choice.setdefault(dataset, {})[int(fold)] = (float(eps), len(means))
-        picked.append(of[of["eps"] == eps].assign(label=EPS_VAL_LABEL))
+        picked.append(of[of["eps"] == eps].assign(source_label=lambda x: x["label"], label=EPS_VAL_LABEL))
     return (pd.concat(picked, ignore_index=True) if picked else runs.iloc[:0]), choice
 
 
@@ -194,11 +195,9 @@ def build_table(runs: pd.DataFrame, per_image: pd.DataFrame, reference: str | No
     check_splits(runs)
     eps_runs, eps_choice = eps_val_runs(runs)
     if not eps_runs.empty:
-        picked = eps_runs[["dataset", "fold", "eps"]].drop_duplicates()
-        source = runs[["dataset", "fold", "eps", "label"]].merge(picked, on=["dataset", "fold", "eps"])
-        source = source[source["label"].map(lambda x: bool(FIXED_EPS_LABEL.match(str(x))))]
-        copies = per_image.merge(source[["dataset", "fold", "label"]], on=["dataset", "fold", "label"])
-        runs = pd.concat([runs, eps_runs], ignore_index=True)
+        picked = eps_runs[["dataset", "source_label", "fold", "seed"]].rename(columns={"source_label": "label"})
+        copies = per_image.merge(picked, on=["dataset", "label", "fold", "seed"])
+        runs = pd.concat([runs, eps_runs.drop(columns="source_label")], ignore_index=True)
         per_image = pd.concat([per_image, copies.assign(label=EPS_VAL_LABEL)], ignore_index=True)
     compared = runs[runs["label"] != SELECTION_TAG]
     reference = choose_reference(compared["label"], reference)

@@ -32,12 +32,11 @@ from pathlib import Path
 import pandas as pd
 
 import study_cli  # noqa: F401  (puts the checkout on sys.path, for a run without installing)
-from comparison import ReportWarning
 from method_table import TABLE_COLUMNS, build_table
 from plots import plot_dice_per_method, plot_eps_vs_difficulty
 from polydice.config import SELECTION_TAG
 from rendering import footnotes, markdown_table, page_head
-from run_results import collect_runs, epsilon_at_last_refresh, load_per_image
+from run_results import ReportWarning, collect_runs, epsilon_at_last_refresh, load_per_image
 from search_summary import best_config_section, load_best_config, optuna_section
 from storage import redact
 

@@ -18,8 +18,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from comparison import ReportWarning
 from polydice.config import run_label
+
+
+
+class ReportWarning(UserWarning):
+    """Something about the input the reader of the table should know (listed in table.md)."""
+
 
 METRICS = ("dice", "iou", "precision", "recall", "nsd", "nll", "brier", "dice_hardest_quartile")
 PM_BOTH, PM_FOREGROUND = "background+foreground", "foreground"

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from comparison import ReportWarning
 from plots import plot_importances, plot_search_history
+from run_results import ReportWarning
 from storage import redact
 
 

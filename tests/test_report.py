@@ -236,7 +236,7 @@ def test_run_pairs_match_fold_and_seed(tmp_path):
     assert r["ttest_p"] == pytest.approx(stats.ttest_1samp(folds, 0).pvalue, rel=1e-9)
     # The reference lacks seed 1 in fold 2: that run of dice is unpaired, with a warning.
     (tmp_path / "a21" / "summary.json").unlink()
-    with pytest.warns(comparison.ReportWarning, match=r"fold/seed \[\(2, 1\)\]"):
+    with pytest.warns(run_results.ReportWarning, match=r"fold/seed \[\(2, 1\)\]"):
         table, _ = method_table.build_table(*(lambda r: (r, run_results.load_per_image(r)))(run_results.collect_runs([tmp_path])))
     assert row(table, "dice")["n_pairs"] == 5
 
@@ -266,7 +266,7 @@ def test_search_trials_and_checkpoint_copies_are_not_runs(study, recwarn):
     runs = run_results.collect_runs(dirs)
     assert len(runs) == (len(METHODS) + 1) * FOLDS  # with the dice-select replicates
     assert "adaptive-search" not in set(runs["label"])
-    assert not any(issubclass(w.category, comparison.ReportWarning) for w in recwarn)
+    assert not any(issubclass(w.category, run_results.ReportWarning) for w in recwarn)
     adaptive0 = runs[(runs["label"] == "adaptive-tuned") & (runs["fold"] == 0)]["run_dir"].item()
     assert Path(adaptive0).name == "trial_0_a1b2"
     direct = runs[(runs["label"] == "dice") & (runs["fold"] == FOLDS - 1)]["run_dir"].item()
@@ -276,12 +276,12 @@ def test_search_trials_and_checkpoint_copies_are_not_runs(study, recwarn):
 def test_duplicate_label_and_fold_keeps_the_newest(tmp_path):
     old = write_run(tmp_path / "a" / "trial_old", "dice", 0, dice=np.full(PER_FOLD, 0.1), mtime=1_000_000)
     write_run(tmp_path / "b" / "trial_new", "dice", 0, mtime=2_000_000)
-    with pytest.warns(comparison.ReportWarning, match="more than once"):
+    with pytest.warns(run_results.ReportWarning, match="more than once"):
         runs = run_results.collect_runs([tmp_path / "a", tmp_path / "b"])
     assert len(runs) == 1
     assert runs["test_dice"].item() == pytest.approx(image_dice("dice")[:PER_FOLD].mean())
     os.utime(old / "summary.json", (3_000_000, 3_000_000))
-    with pytest.warns(comparison.ReportWarning):
+    with pytest.warns(run_results.ReportWarning):
         runs = run_results.collect_runs([tmp_path / "a", tmp_path / "b"])
     assert runs["test_dice"].item() == pytest.approx(0.1)
 
@@ -537,11 +537,11 @@ def test_kvasir_like_groups_are_paired_per_image(study):
 
 def test_per_image_csv_without_groups(tmp_path):
     # One older run without the column: the groups come from the other run's per_image.csv.
-    with pytest.warns(comparison.ReportWarning, match="taken from the other runs"):
+    with pytest.warns(run_results.ReportWarning, match="taken from the other runs"):
         report.make_report([write_cvc(tmp_path / "a", dice_groups=False)], tmp_path / "out_a")
     assert row(pd.read_csv(tmp_path / "out_a" / "table.csv"), "dice")["n_units_paired"] == 6
     # No run knows the sequences: per image, and the report says so.
-    with pytest.warns(comparison.ReportWarning, match="paired per image, not per video sequence"):
+    with pytest.warns(run_results.ReportWarning, match="paired per image, not per video sequence"):
         md = report.make_report([write_cvc(tmp_path / "b", dice_groups=False, adaptive_groups=False)],
                                 tmp_path / "out_b").read_text()
     r = row(pd.read_csv(tmp_path / "out_b" / "table.csv"), "dice")
@@ -636,7 +636,7 @@ def test_pm_dice_footnote_says_which_variant(tmp_path):
         for fold, flag in enumerate(flags):
             extra = {"method": "pm_dice", "tag": label} | ({} if flag is None else {"pm_include_background": flag})
             write_run(tmp_path / f"{label}_{fold}", "dice", fold, config=extra)
-    with pytest.warns(comparison.ReportWarning, match="mixes PM Dice variants"):
+    with pytest.warns(run_results.ReportWarning, match="mixes PM Dice variants"):
         md = report.make_report([tmp_path], tmp_path / "out").read_text()
     table = pd.read_csv(tmp_path / "out" / "table.csv").set_index("label")
     assert table["pm_variant"].to_dict() == {"pm_dice": "background+foreground", "pm_dice-old": "foreground",
@@ -730,7 +730,7 @@ def test_malformed_best_config_is_a_warning(study, tmp_path, text, warning):
     path = tmp_path / "best_config.json"
     if text is not None:
         path.write_text(text)
-    with pytest.warns(comparison.ReportWarning):
+    with pytest.warns(run_results.ReportWarning):
         md = report.make_report(dirs, tmp_path / "out", best_config=path).read_text()
     assert warning in md.split("## Warnings")[1]
     assert "Note: no per-fold best configuration could be read" in md
@@ -744,7 +744,7 @@ def test_best_config_fold_with_bad_value_is_kept_as_missing(study, tmp_path):
     bad["folds"]["x"] = {"params": {"k": 1.0}}
     path = tmp_path / "best_config.json"
     path.write_text(json.dumps(bad))
-    with pytest.warns(comparison.ReportWarning):
+    with pytest.warns(run_results.ReportWarning):
         md = report.make_report(dirs, tmp_path / "out", best_config=path).read_text()
     warnings_part = md.split("## Warnings")[1]
     assert "fold 1 has a non-numeric value 'n/a'" in warnings_part and "fold key 'x'" in warnings_part
@@ -779,7 +779,7 @@ def test_a_field_missing_from_a_summary_is_not_a_difference(tmp_path):
 def test_other_settings_that_differ_are_a_warning(tmp_path):
     write_run(tmp_path / "a", "adaptive-tuned", 0, config={"image_size": 224})
     write_run(tmp_path / "b", "dice", 0, config={"image_size": 64})
-    with pytest.warns(comparison.ReportWarning, match="different image_size: 64 \\(1 runs\\), 224 \\(1 runs\\)"):
+    with pytest.warns(run_results.ReportWarning, match="different image_size: 64 \\(1 runs\\), 224 \\(1 runs\\)"):
         md = report.make_report([tmp_path], tmp_path / "out").read_text()
     assert "different image_size" in md.split("## Warnings")[1]
 
@@ -825,7 +825,7 @@ def test_a_selection_run_sharing_a_compared_seed_gives_no_hard_set_p(tmp_path):
         write_run(tmp_path / f"ref_{fold}", "adaptive-tuned", fold)
         write_run(tmp_path / f"dice_{fold}", "dice", fold)
         write_run(tmp_path / f"sel_{fold}", "dice", fold, config={"tag": SELECTION_TAG, "seed": 0})
-    with pytest.warns(comparison.ReportWarning, match="share a fold and seed with a compared run"):
+    with pytest.warns(run_results.ReportWarning, match="share a fold and seed with a compared run"):
         report.make_report([tmp_path], tmp_path / "out")
     table = pd.read_csv(tmp_path / "out" / "table.csv")
     assert table["dice_loss_hard_wilcoxon_p"].isna().all()
